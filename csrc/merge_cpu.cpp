@@ -1,0 +1,414 @@
+// CPU kernels for tailorkit's layer merges, registered as `tailorkit::*` ops.
+//
+// The schemas are declared once, in tailorkit/ops.py; this file only provides
+// the CPU implementations. Each kernel has a plain-PyTorch reference beside it
+// in ops.py (`_weighted_sum_reference`, `_ties_merge_reference`) and the tests
+// compare the two with torch.equal, so the arithmetic below mirrors the
+// reference step by step: float32 accumulation in source order, one rounding
+// per multiply and per add (built with -ffp-contract=off so the compiler does
+// not fuse them into FMAs), and a single cast to the output dtype at the end.
+//
+// Memory traffic is what matters for merging multi-GB checkpoints, so each
+// kernel makes one pass over memory: every source element is read from RAM
+// once and every output element is written once. Work is split into blocks of
+// kBlock elements whose float32 working set stays in L1/L2; the inner loops are
+// plain element-wise loops over contiguous arrays so that -O3 vectorises them
+// (bf16 -> fp32 is a 16-bit shift; fp16 uses the branch-free conversions below).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace tailorkit {
+namespace {
+
+// Elements per inner block: a few float32 buffers of this size fit in L1, and
+// re-reading K source blocks (ties_merge reads each twice) hits L2, not RAM.
+constexpr int64_t kBlock = 2048;
+// Minimum elements per parallel task; smaller tensors run on the calling thread
+// because waking the OpenMP team costs more than the work.
+constexpr int64_t kGrain = 32 * 1024;
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Calls f with the data pointer cast to its element type (float, c10::BFloat16
+// or c10::Half), so one generic lambda serves every dtype combination.
+template <typename F>
+void with_typed_input(const void* data, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(static_cast<const float*>(data));
+    case at::kBFloat16:
+      return f(static_cast<const c10::BFloat16*>(data));
+    case at::kHalf:
+      return f(static_cast<const c10::Half*>(data));
+    default:
+      TORCH_CHECK(false, "tailorkit: unsupported dtype ", dtype);
+  }
+}
+
+template <typename F>
+void with_typed_output(void* data, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(static_cast<float*>(data));
+    case at::kBFloat16:
+      return f(static_cast<c10::BFloat16*>(data));
+    case at::kHalf:
+      return f(static_cast<c10::Half*>(data));
+    default:
+      TORCH_CHECK(false, "tailorkit: unsupported dtype ", dtype);
+  }
+}
+
+// ---- Element conversions --------------------------------------------------
+// Written without branches (selects on bit masks) so that the loops calling
+// them vectorise; c10::Half's own conversions branch and keep loops scalar.
+// Both round to nearest even exactly as Tensor.to() does; checked against
+// c10's conversions for all 2^16 halves and all 2^32 float bit patterns.
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// cond ? a : b, as bit operations.
+inline uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
+  return (a & mask) | (b & ~mask);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t exp_mask = 0x7c00u << 13;
+  // Exponent and mantissa moved to float32's bit positions.
+  const uint32_t magnitude = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
+  const uint32_t exp = magnitude & exp_mask;
+  const uint32_t normal = magnitude + ((127u - 15u) << 23);  // rebias the exponent
+  const uint32_t inf_nan = normal + ((128u - 16u) << 23);  // exponent all ones
+  // Subnormal halves: let the FPU normalise them (exact: at most 11 significant bits).
+  const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
+  const uint32_t out =
+      select_bits(exp == exp_mask, inf_nan, select_bits(exp == 0, subnormal, normal));
+  return bits_float(out | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
+}
+
+inline uint16_t float_to_half(float f) {
+  const uint32_t bits = float_bits(f);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t a = bits ^ sign;  // |f|
+  // |f| >= 2^16 (after rounding everything from 65520 up overflows too): inf, or a quiet NaN.
+  const uint32_t overflow = select_bits(a > (255u << 23), 0x7e00u, 0x7c00u);
+  // |f| < 2^-14: adding 0.5 makes the FPU round the mantissa into the subnormal half's bits.
+  const uint32_t magic = 126u << 23;
+  const uint32_t subnormal = float_bits(bits_float(a) + bits_float(magic)) - magic;
+  // Normal: rebias the exponent and round the mantissa to nearest even by hand.
+  const uint32_t normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t out =
+      select_bits(a >= (143u << 23), overflow, select_bits(a < (113u << 23), subnormal, normal));
+  return static_cast<uint16_t>(out | (sign >> 16));
+}
+
+inline float to_f32(float x) {
+  return x;
+}
+inline float to_f32(c10::BFloat16 x) {
+  return static_cast<float>(x);  // a 16-bit shift
+}
+inline float to_f32(c10::Half x) {
+  return half_to_float(x.x);
+}
+
+inline void put(float v, float* dst) {
+  *dst = v;
+}
+inline void put(float v, c10::BFloat16* dst) {
+  *dst = c10::BFloat16(v);  // round to nearest even; vectorises as is
+}
+inline void put(float v, c10::Half* dst) {
+  *dst = c10::Half(float_to_half(v), c10::Half::from_bits());
+}
+
+// ---- Block loops -------------------------------------------------------------
+// On x86-64 with GCC each loop is compiled twice, for AVX2 and for the baseline
+// (SSE2), and the dynamic loader picks the one the CPU supports: wider vectors
+// without giving up portable wheels. The arithmetic is IEEE either way and
+// -ffp-contract=off applies to both, so the results are identical.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TAILORKIT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TAILORKIT_VECTOR_CLONES
+#endif
+
+// acc = float(src) * w
+template <typename T>
+TAILORKIT_VECTOR_CLONES void scale(
+    const T* __restrict__ src, float w, float* __restrict__ acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = to_f32(src[j]) * w;
+  }
+}
+
+// acc = acc + float(src) * w   (two roundings: no FMA, as in the reference)
+template <typename T>
+TAILORKIT_VECTOR_CLONES void scale_add(
+    const T* __restrict__ src, float w, float* __restrict__ acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = acc[j] + to_f32(src[j]) * w;
+  }
+}
+
+template <typename T>
+TAILORKIT_VECTOR_CLONES void to_float(
+    const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = to_f32(src[j]);
+  }
+}
+
+// The one rounding to the output dtype.
+template <typename T>
+TAILORKIT_VECTOR_CLONES void store(
+    const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    put(src[j], dst + j);
+  }
+}
+
+// TIES pass 1 over one source block: total += kept(tau), where
+// tau = float(src) - base and kept(tau) = tau if |tau| >= threshold else 0.
+template <typename T>
+TAILORKIT_VECTOR_CLONES void ties_total(
+    const T* __restrict__ src,
+    const float* __restrict__ base,
+    float threshold,
+    float* __restrict__ total,
+    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float tau = to_f32(src[j]) - base[j];
+    const float kept = std::fabs(tau) >= threshold ? tau : 0.0f;
+    total[j] = total[j] + kept;
+  }
+}
+
+// TIES pass 2 over the same (now cached) block: sum and count the kept values
+// whose sign agrees with the elected sign, sign(total). A total of 0 elects no
+// sign, so nothing is selected there. (Integer products instead of && and ||
+// keep the loop free of branches, so it vectorises.)
+template <typename T>
+TAILORKIT_VECTOR_CLONES void ties_select(
+    const T* __restrict__ src,
+    const float* __restrict__ base,
+    float threshold,
+    const float* __restrict__ total,
+    float* __restrict__ num,
+    float* __restrict__ cnt,
+    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float tau = to_f32(src[j]) - base[j];
+    const float kept = std::fabs(tau) >= threshold ? tau : 0.0f;
+    const float t = total[j];
+    const int agree = int(kept > 0.0f) * int(t > 0.0f) + int(kept < 0.0f) * int(t < 0.0f);
+    num[j] = num[j] + (agree ? kept : 0.0f);
+    cnt[j] = cnt[j] + static_cast<float>(agree);
+  }
+}
+
+// TIES final step: out = base + lam * mean, mean = num / cnt where cnt > 0,
+// else 0. num is 0 wherever cnt is, so dividing by max(cnt, 1) gives the same
+// values without a branch.
+TAILORKIT_VECTOR_CLONES void ties_finish(
+    const float* __restrict__ base,
+    const float* __restrict__ num,
+    const float* __restrict__ cnt,
+    float lam,
+    float* __restrict__ merged,
+    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float mean = num[j] / (cnt[j] < 1.0f ? 1.0f : cnt[j]);
+    merged[j] = base[j] + mean * lam;
+  }
+}
+
+// One input of a merge, resolved before the parallel region.
+struct Operand {
+  const void* data;
+  at::ScalarType dtype;
+  float scalar;  // weight (weighted_sum) or magnitude threshold (ties_merge)
+};
+
+void check_output(const at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu(), "tailorkit: out must be a CPU tensor, got ", out.device());
+  TORCH_CHECK(out.is_contiguous(), "tailorkit: out must be contiguous");
+  TORCH_CHECK(
+      is_supported_dtype(out.scalar_type()),
+      "tailorkit: out dtype must be float32, bfloat16 or float16, got ",
+      out.scalar_type());
+}
+
+void check_input(const at::Tensor& t, const at::Tensor& out, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "tailorkit: ", what, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "tailorkit: ", what, " must be contiguous");
+  TORCH_CHECK(
+      is_supported_dtype(t.scalar_type()),
+      "tailorkit: ",
+      what,
+      " dtype must be float32, bfloat16 or float16, got ",
+      t.scalar_type());
+  TORCH_CHECK(
+      t.sizes() == out.sizes(),
+      "tailorkit: ",
+      what,
+      " has shape ",
+      t.sizes(),
+      " but out has shape ",
+      out.sizes());
+}
+
+std::vector<Operand> resolve_sources(
+    at::TensorList sources,
+    at::ArrayRef<double> scalars,
+    const at::Tensor& out,
+    const char* scalar_name) {
+  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
+  TORCH_CHECK(
+      scalars.size() == sources.size(),
+      "tailorkit: got ",
+      sources.size(),
+      " sources but ",
+      scalars.size(),
+      " ",
+      scalar_name);
+  std::vector<Operand> operands;
+  operands.reserve(sources.size());
+  for (size_t i = 0; i < sources.size(); ++i) {
+    check_input(sources[i], out, "source");
+    operands.push_back(
+        {sources[i].const_data_ptr(), sources[i].scalar_type(), static_cast<float>(scalars[i])});
+  }
+  return operands;
+}
+
+// out = sum_i weights[i] * float(sources[i]), accumulated in float32 in
+// source order, then cast once to out's dtype.
+void weighted_sum_out_cpu(
+    at::TensorList sources,
+    at::ArrayRef<double> weights,
+    const at::Tensor& out) {
+  check_output(out);
+  const std::vector<Operand> in = resolve_sources(sources, weights, out, "weights");
+  void* dst = out.mutable_data_ptr();
+  const at::ScalarType out_dtype = out.scalar_type();
+
+  at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    float acc[kBlock];
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t n = std::min(kBlock, end - start);
+      for (size_t i = 0; i < in.size(); ++i) {
+        with_typed_input(in[i].data, in[i].dtype, [&](auto* src) {
+          if (i == 0) {
+            scale(src + start, in[i].scalar, acc, n);
+          } else {
+            scale_add(src + start, in[i].scalar, acc, n);
+          }
+        });
+      }
+      with_typed_output(dst, out_dtype, [&](auto* d) { store(acc, d + start, n); });
+    }
+  });
+}
+
+// TIES merge: tau_i = float(source_i) - float(base), trimmed to |tau_i| >=
+// thresholds[i]; elect sign(sum_i kept_i); average the kept values that agree
+// with it (0 where none do); out = base + lam * mean, cast once.
+void ties_merge_out_cpu(
+    const at::Tensor& base,
+    at::TensorList sources,
+    at::ArrayRef<double> thresholds,
+    double lam,
+    const at::Tensor& out) {
+  check_output(out);
+  check_input(base, out, "base");
+  const std::vector<Operand> in = resolve_sources(sources, thresholds, out, "thresholds");
+  const void* base_data = base.const_data_ptr();
+  const at::ScalarType base_dtype = base.scalar_type();
+  void* dst = out.mutable_data_ptr();
+  const at::ScalarType out_dtype = out.scalar_type();
+  const float lam_f = static_cast<float>(lam);
+
+  at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    float b[kBlock];
+    float total[kBlock];
+    float num[kBlock];
+    float cnt[kBlock];
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t n = std::min(kBlock, end - start);
+      with_typed_input(base_data, base_dtype, [&](auto* p) { to_float(p + start, b, n); });
+      std::fill(total, total + n, 0.0f);
+      std::fill(num, num + n, 0.0f);
+      std::fill(cnt, cnt + n, 0.0f);
+      for (const Operand& s : in) {
+        with_typed_input(
+            s.data, s.dtype, [&](auto* src) { ties_total(src + start, b, s.scalar, total, n); });
+      }
+      for (const Operand& s : in) {
+        with_typed_input(s.data, s.dtype, [&](auto* src) {
+          ties_select(src + start, b, s.scalar, total, num, cnt, n);
+        });
+      }
+      ties_finish(b, num, cnt, lam_f, total, n);  // `total` is free again: reuse it
+      with_typed_output(dst, out_dtype, [&](auto* d) { store(total, d + start, n); });
+    }
+  });
+}
+
+std::string parallel_info() {
+#ifdef _OPENMP
+  const int threads = at::get_num_threads();
+  return "OpenMP, " + std::to_string(threads) + (threads == 1 ? " thread" : " threads");
+#else
+  return "built without OpenMP, 1 thread";
+#endif
+}
+
+}  // namespace
+}  // namespace tailorkit
+
+// CPU implementations of the ops whose schemas tailorkit/ops.py declares.
+// Registration runs when Python imports tailorkit._C: if the schemas and these
+// C++ signatures ever disagree (an extension built from older sources), torch
+// raises a Python error when ops.py declares them, which ops.py reports before
+// falling back to the reference path.
+// CUDA implementations (a later change) register with
+// TORCH_LIBRARY_IMPL(tailorkit, CUDA, m) in their own .cu file.
+TORCH_LIBRARY_IMPL(tailorkit, CPU, m) {
+  m.impl("weighted_sum_out", TORCH_FN(tailorkit::weighted_sum_out_cpu));
+  m.impl("ties_merge_out", TORCH_FN(tailorkit::ties_merge_out_cpu));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tailorkit C++ kernels; use them through tailorkit.ops.";
+  m.def(
+      "parallel_info",
+      &tailorkit::parallel_info,
+      "How the kernels run in parallel, e.g. 'OpenMP, 8 threads'.");
+}

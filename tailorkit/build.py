@@ -1,0 +1,142 @@
+"""Build a recipe into a standard Hugging Face checkpoint on disk, streaming.
+
+Reads each needed source byte once and writes each output byte once: unchanged
+tensors are copied file-to-file, merged ones are computed a chunk at a time and
+written at their final offset.  The directory appears at its target path only
+when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tailorkit.checkpoint.source import Source
+from tailorkit.checkpoint.writer import (
+    ShardWriter,
+    TensorSpec,
+    atomic_directory,
+    parse_size,
+    shard_names,
+    split_shards,
+)
+from tailorkit.plan import Plan, TensorJob
+from tailorkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = "5GB"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def build(
+    recipe: Recipe | Plan | str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    readme: str | None = None,
+) -> Path:
+    """Write the model a recipe describes to ``out_dir`` as a Hugging Face checkpoint.
+
+    ``recipe`` may be a Recipe, a path to a recipe file, or an already validated
+    Plan.  ``readme`` replaces the short generated README.md (model card).
+    """
+    plan = recipe if isinstance(recipe, Plan) else _as_recipe(recipe).plan(dtype)
+    max_bytes = parse_size(shard_size)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        _write_weights(plan, tmp, max_bytes, progress)
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(plan.base, tmp)
+        plan.recipe.to_yaml(tmp / "recipe.yaml")
+        (tmp / "README.md").write_text(readme if readme is not None else default_readme(plan))
+    log.info("built %s: %s", out_dir, plan.summary())
+    return out_dir
+
+
+def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+
+
+def _write_weights(plan: Plan, out: Path, max_bytes: int, progress: bool) -> None:
+    jobs = {j.name: j for j in plan.jobs}
+    specs = [TensorSpec(j.name, j.dtype, j.shape) for j in plan.jobs]
+    shards = split_shards(specs, max_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    plan.check_unchanged()
+    with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="build", disable=not progress) as bar:
+        for file, shard in zip(names, shards):
+            writer = ShardWriter(out / file, shard)
+            try:
+                for spec in shard:
+                    _write_tensor(writer, jobs[spec.name])
+                    weight_map[spec.name] = file
+                    bar.update(spec.nbytes)
+            finally:
+                writer.close()
+    # A source rewritten while we read it would have produced garbage: say so instead.
+    plan.check_unchanged()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
+    if job.is_raw_copy:
+        info = job.inputs[0].info
+        writer.copy(job.name, info.file, info.start)
+        return
+    at = 0
+    for chunk in job.chunks():
+        at += writer.write(job.name, chunk, at)
+    job.release()  # drop the mapped source pages: memory stays near one chunk
+
+
+def _copy_side_files(base: Source, out: Path) -> None:
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        src = base.path / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+
+
+def default_readme(plan: Plan) -> str:
+    """A short model card: where every layer came from and how much was removed."""
+    recipe = plan.recipe
+    hub_ids = [ref for ref in recipe.models.values() if "/" in ref and not Path(ref).exists()]
+    front = ["---", "library_name: transformers", "tags:", "- tailorkit", "- layer-pruning"]
+    if hub_ids:
+        front += ["base_model:", *[f"- {r}" for r in hub_ids]]
+    front.append("---")
+    rows = "\n".join(f"| {i} | {layer.method} | {layer.describe()} |" for i, layer in enumerate(plan.layers))
+    return "\n".join(front) + f"""
+
+# Tailored model
+
+Built by [tailorkit](https://pypi.org/project/tailorkit/) from `recipe.yaml` (included):
+{plan.summary()}.
+
+| output layer | method | source layers |
+|---|---|---|
+{rows}
+
+Rebuild with `tailorkit build recipe.yaml OUT_DIR`.
+"""

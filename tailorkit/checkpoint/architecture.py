@@ -1,0 +1,114 @@
+"""What tailorkit needs to know about a model's architecture, from config.json alone.
+
+No model class is imported: a decoder layer tensor is any name of the form
+``<prefix>.<i>.<rest>`` where ``<prefix>`` ends in a layer-list name
+(``layers``, ``h``, ``blocks``) and the indices run over exactly the layer
+count the config states.  Everything else is a non-layer tensor: embeddings
+(names containing ``embed``, ``wte``, ``wpe``) or the head (final norm, LM head).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from tailorkit.errors import CheckpointError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_EMBEDDING_MARKERS = ("embed", "wte", "wpe")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The layer layout of one checkpoint."""
+
+    layer_prefix: str  # e.g. "model.layers"
+    num_layers: int
+    layer_count_path: tuple[str, ...]  # where the count lives in config.json, e.g. ("num_hidden_layers",)
+    per_layer_lists: tuple[tuple[str, ...], ...]  # config paths of lists indexed by layer
+    tied_embeddings: bool
+    hidden_size: int | None
+    vocab_size: int | None
+    layer_tensors: dict[int, dict[str, str]] = field(repr=False)  # layer -> {rest: full name}
+    embedding_tensors: tuple[str, ...] = ()
+    head_tensors: tuple[str, ...] = ()
+
+    def layer_name(self, index: int, rest: str) -> str:
+        return f"{self.layer_prefix}.{index}.{rest}"
+
+
+def text_config(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The part of the config that describes the decoder, and its path.
+
+    Multimodal configs (Gemma 3, Llava, ...) nest the language model under
+    ``text_config``; plain causal LMs keep everything at the top level.
+    """
+    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), dict):
+        return config["text_config"], ("text_config",)
+    return config, ()
+
+
+def detect(config: dict[str, Any], tensor_names: list[str], where: str) -> Architecture:
+    """Find the decoder layers of a checkpoint from its config and tensor names."""
+    decoder, base_path = text_config(config)
+    count_key = next((k for k in LAYER_COUNT_KEYS if isinstance(decoder.get(k), int)), None)
+    if count_key is None:
+        raise CheckpointError(
+            f"{where}: config.json has no layer count (looked for {', '.join(LAYER_COUNT_KEYS)})"
+        )
+    num_layers = decoder[count_key]
+
+    by_prefix: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    for name in tensor_names:
+        m = _LAYER_NAME.match(name)
+        if m:
+            by_prefix[m["prefix"]][int(m["index"])][m["rest"]] = name
+    matching = [p for p, layers in by_prefix.items() if set(layers) == set(range(num_layers))]
+    if len(matching) != 1:
+        found = {p: len(layers) for p, layers in by_prefix.items()}
+        raise CheckpointError(
+            f"{where}: cannot find the decoder layers: config.json says {count_key}={num_layers}, "
+            f"but the tensor names give layer lists {found or 'none'}"
+        )
+    prefix = matching[0]
+    layer_names = {n for layer in by_prefix[prefix].values() for n in layer.values()}
+    others = [n for n in tensor_names if n not in layer_names]
+    embeddings = tuple(n for n in others if any(m in n for m in _EMBEDDING_MARKERS))
+    head = tuple(n for n in others if n not in embeddings)
+
+    per_layer = tuple(
+        (*base_path, k)
+        for k, v in decoder.items()
+        if isinstance(v, list) and len(v) == num_layers and num_layers > 1
+    )
+    tied = config.get("tie_word_embeddings", decoder.get("tie_word_embeddings", True))
+    return Architecture(
+        layer_prefix=prefix,
+        num_layers=num_layers,
+        layer_count_path=(*base_path, count_key),
+        per_layer_lists=per_layer,
+        tied_embeddings=bool(tied),
+        hidden_size=next((decoder[k] for k in HIDDEN_SIZE_KEYS if isinstance(decoder.get(k), int)), None),
+        vocab_size=decoder.get("vocab_size", config.get("vocab_size")),
+        layer_tensors={i: dict(t) for i, t in by_prefix[prefix].items()},
+        embedding_tensors=embeddings,
+        head_tensors=head,
+    )
+
+
+def get_path(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = config
+    for key in path:
+        node = node[key]
+    return node
+
+
+def set_path(config: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value

@@ -1,0 +1,218 @@
+"""The streaming safetensors writer.
+
+Every output tensor's name, shape and dtype is known before writing starts, so
+each shard's header is written first and the data then streamed to its final
+offset with positional writes: memory stays near one chunk whatever the
+model's size, and an unchanged tensor is copied file-to-file by the kernel
+(``copy_file_range``) without passing through Python at all.
+
+Output directories are written under a temporary name beside the target and
+renamed into place at the end, so a failed or interrupted write leaves nothing
+at the target path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tailorkit.checkpoint.safetensors_format import dtype_name, itemsize
+from tailorkit.errors import CheckpointError, TailorkitError
+
+TMP_MARK = ".tailorkit-tmp-"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as transformers counts), '1GiB' -> 2**30."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m or (m[2] or "").upper() not in _UNITS:
+        raise TailorkitError(f"shard size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 1GiB")
+    size = int(float(m[1]) * _UNITS[(m[2] or "").upper()])
+    if size <= 0:
+        raise TailorkitError(f"shard size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * itemsize(self.dtype)
+
+
+def split_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardWriter:
+    """One safetensors file whose layout is fixed up front; tensors are filled in any order."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.offsets: dict[str, tuple[int, int]] = {}
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        pos = 0
+        for spec in specs:
+            if spec.name in self.offsets:
+                raise CheckpointError(f"{path.name}: tensor {spec.name!r} would be written twice")
+            header[spec.name] = {
+                "dtype": dtype_name(spec.dtype),
+                "shape": list(spec.shape),
+                "data_offsets": [pos, pos + spec.nbytes],
+            }
+            self.offsets[spec.name] = (pos, pos + spec.nbytes)
+            pos += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + pos
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _reserve(self.fd, self.size, path)
+            _pwrite_all(self.fd, len(raw).to_bytes(8, "little") + raw, 0, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, name: str, data: torch.Tensor, at: int = 0) -> int:
+        """Write a tensor (or the next flat chunk of one) at byte ``at`` inside ``name``; returns bytes written."""
+        start, end = self.offsets[name]
+        buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if start + at + len(buf) > end:
+            raise CheckpointError(f"{self.path.name}: data for {name!r} overruns its {end - start} bytes")
+        _pwrite_all(self.fd, buf, self.data_start + start + at, self.path)
+        return len(buf)
+
+    def copy(self, name: str, src_file: Path, src_offset: int) -> None:
+        """Copy ``name``'s bytes unchanged from another file, kernel to kernel."""
+        start, end = self.offsets[name]
+        with open(src_file, "rb") as src:
+            _copy_range(src.fileno(), src_offset, self.fd, self.data_start + start, end - start, self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Claim the disk space up front, so a full disk fails now with a clear error."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"{path}: no space left on device for {size:,} bytes") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise CheckpointError(f"{path}: cannot allocate {size:,} bytes ({e.strerror})") from e
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            n = os.pwrite(fd, view[: 1 << 30], offset)
+        except OSError as e:
+            raise CheckpointError(f"{path}: write failed ({e.strerror})") from e
+        view = view[n:]
+        offset += n
+
+
+def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path) -> None:
+    while count:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count, src_off, dst_off)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                return _copy_range_read(src_fd, src_off, dst_fd, dst_off, count, path)
+            raise CheckpointError(f"{path}: copy failed ({e.strerror})") from e
+        if n == 0:
+            raise CheckpointError(f"{path}: source file ended {count} bytes early while copying")
+        src_off, dst_off, count = src_off + n, dst_off + n, count - n
+
+
+def _copy_range_read(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path) -> None:
+    while count:
+        chunk = os.pread(src_fd, min(count, 64 << 20), src_off)
+        if not chunk:
+            raise CheckpointError(f"{path}: source file ended {count} bytes early while copying")
+        _pwrite_all(dst_fd, chunk, dst_off, path)
+        src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise TailorkitError(f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            trash = tmp.with_name(tmp.name + "-old")
+            os.rename(target, trash)
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove temporary directories left for ``target`` by writers that died (kill -9, power loss)."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}{TMP_MARK}*"):
+        pid = p.name.removeprefix(f".{target.name}{TMP_MARK}").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,131 @@
+"""The merge methods: how one output tensor is computed from its source tensors.
+
+Most methods are a fixed linear combination of their inputs, so they share one
+fused kernel (``ops.weighted_sum``) and can be computed chunk by chunk, which
+keeps memory near one chunk however large the tensor.  Slerp is a linear
+combination too once its angle is known (one reduction pass first); TIES needs
+the whole task vector for its magnitude threshold and runs its own kernel.
+
+Every method is applied to every tensor of a layer, norms included: there is
+no silent "keep the first layer's norms".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from tailorkit import ops
+from tailorkit.errors import MergeError
+from tailorkit.recipe import OutputLayer
+
+# Linear combinations: (layer, inputs, base) -> (tensors, coefficients)
+Combination = tuple[list[torch.Tensor], list[float]]
+LINEAR_METHODS: dict[str, Callable[[OutputLayer, Sequence[torch.Tensor], torch.Tensor | None], Combination]] = {}
+
+# Slerp falls back to linear interpolation when the two tensors are this close to parallel.
+SLERP_PARALLEL_COS = 0.9995
+CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
+
+
+def linear_method(name: str):
+    def register(fn):
+        LINEAR_METHODS[name] = fn
+        return fn
+
+    return register
+
+
+@linear_method("passthrough")
+def _passthrough(layer, inputs, base) -> Combination:
+    return [inputs[0]], [1.0]
+
+
+@linear_method("linear")
+def _linear(layer, inputs, base) -> Combination:
+    return list(inputs), list(layer.weights)
+
+
+@linear_method("task_arithmetic")
+def _task_arithmetic(layer, inputs, base) -> Combination:
+    # base + lam * sum_i w_i (x_i - base) == (1 - lam * sum_i w_i) base + sum_i lam w_i x_i
+    lam = layer.params["lambda"]
+    return [base, *inputs], [1.0 - lam * sum(layer.weights), *(lam * w for w in layer.weights)]
+
+
+@linear_method("laco")
+def _laco(layer, inputs, base) -> Combination:
+    # theta_l + sum_{k>=1} (theta_{l+k} - theta_l) == (2 - K) theta_l + sum_{k>=1} theta_{l+k}
+    return list(inputs), [2.0 - len(inputs), *([1.0] * (len(inputs) - 1))]
+
+
+@linear_method("slerp")
+def _slerp(layer, inputs, base) -> Combination:
+    a, b = inputs
+    t = layer.params["t"]
+    dot = norm_a = norm_b = 0.0
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
+        ca = flat_a[start : start + CHUNK_ELEMENTS].double()
+        cb = flat_b[start : start + CHUNK_ELEMENTS].double()
+        dot += float(ca @ cb)
+        norm_a += float(ca @ ca)
+        norm_b += float(cb @ cb)
+    if norm_a == 0 or norm_b == 0:
+        return [a, b], [1.0 - t, t]
+    cos = max(-1.0, min(1.0, dot / math.sqrt(norm_a * norm_b)))
+    if abs(cos) > SLERP_PARALLEL_COS:
+        return [a, b], [1.0 - t, t]
+    omega = math.acos(cos)
+    return [a, b], [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
+
+
+def merge_chunks(
+    layer: OutputLayer,
+    inputs: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    where: str,
+    chunk_elements: int | None = CHUNK_ELEMENTS,
+) -> Iterator[torch.Tensor]:
+    """The flattened output tensor, in order, a chunk at a time; ``where`` names it in errors.
+
+    The build writes each chunk as it comes, so its memory stays near one chunk.
+    """
+    if layer.method == "ties":
+        thresholds = ops.ties_thresholds(base, list(inputs), layer.params["density"])
+        result = ops.ties_merge(base, list(inputs), thresholds, layer.params["lambda"], out_dtype)
+        check_finite(result, where)
+        yield result.reshape(-1)
+        return
+    tensors, coefficients = LINEAR_METHODS[layer.method](layer, inputs, base)
+    flat = [t.reshape(-1) for t in tensors]
+    n = flat[0].numel()
+    step = max(1, chunk_elements or n)
+    for start in range(0, n or 1, step):  # an empty tensor still yields one (empty) chunk
+        chunk = ops.weighted_sum([t[start : start + step] for t in flat], coefficients, out_dtype)
+        if layer.method != "passthrough":
+            check_finite(chunk, where)
+        yield chunk
+
+
+def merge_tensor(
+    layer: OutputLayer,
+    inputs: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    where: str,
+) -> torch.Tensor:
+    """Compute one whole output tensor (the in-memory path)."""
+    (flat,) = merge_chunks(layer, inputs, base, out_dtype, where=where, chunk_elements=None)
+    return flat.reshape(inputs[0].shape)
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise MergeError(f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)")

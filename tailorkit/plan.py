@@ -1,0 +1,260 @@
+"""From a Recipe to a Plan: every output tensor's name, shape, dtype and inputs.
+
+Making a plan opens the sources (config.json and safetensors headers only) and
+checks everything that can be checked before a tensor byte is read: layer
+indices, tensor names and shapes inside every merge, hidden size and
+vocabulary across models.  Build and assemble both consume the plan, so the
+streamed checkpoint and the in-memory model cannot disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tailorkit.checkpoint.architecture import get_path, set_path
+from tailorkit.checkpoint.safetensors_format import TensorInfo
+from tailorkit.checkpoint.source import Source
+from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
+from tailorkit.merge import merge_chunks, merge_tensor
+from tailorkit.recipe import OutputLayer, Recipe
+
+PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
+
+
+@dataclass(frozen=True)
+class Input:
+    source: Source
+    info: TensorInfo
+
+    def view(self) -> torch.Tensor:
+        return self.source.view(self.info)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How to produce one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layer: OutputLayer  # the method and its coefficients (passthrough for non-layer tensors)
+    inputs: tuple[Input, ...]
+    base: Input | None = None
+    out_index: int | None = None  # output layer index, None for embeddings / head
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def numel(self) -> int:
+        return torch.Size(self.shape).numel()
+
+    @property
+    def is_raw_copy(self) -> bool:
+        """A passthrough whose bytes do not change: copied without decoding."""
+        return self.layer.method == "passthrough" and self.inputs[0].info.dtype == self.dtype
+
+    @property
+    def where(self) -> str:
+        at = f"output layer {self.out_index} ({self.layer.describe()}), " if self.out_index is not None else ""
+        return f"{at}tensor {self.name!r}"
+
+    def all_inputs(self) -> tuple[Input, ...]:
+        return self.inputs + ((self.base,) if self.base else ())
+
+    def compute(self) -> torch.Tensor:
+        """The whole output tensor in memory: a zero-copy view for raw passthroughs."""
+        if self.is_raw_copy:
+            return self.inputs[0].view()
+        base = self.base.view() if self.base else None
+        return merge_tensor(self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where)
+
+    def chunks(self):
+        """The flattened output a chunk at a time (for the streaming writer)."""
+        base = self.base.view() if self.base else None
+        return merge_chunks(self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where)
+
+    def release(self) -> None:
+        for i in self.all_inputs():
+            i.source.release(i.info)
+
+
+@dataclass
+class Plan:
+    """A validated recipe bound to its opened sources."""
+
+    recipe: Recipe
+    sources: dict[str, Source]
+    jobs: list[TensorJob]
+    config: dict[str, Any]
+    dtype: torch.dtype
+    layers: list[OutputLayer]
+
+    @property
+    def base(self) -> Source:
+        return self.sources[self.recipe.base_model]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(j.numel for j in self.jobs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    @property
+    def base_parameters(self) -> int:
+        return self.base.num_parameters()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def removed_layer_fraction(self) -> float:
+        return 1 - self.num_layers / self.base.num_layers
+
+    @property
+    def removed_parameter_fraction(self) -> float:
+        return 1 - self.num_parameters / self.base_parameters
+
+    def check_unchanged(self) -> None:
+        for s in self.sources.values():
+            s.check_unchanged()
+
+    def summary(self) -> str:
+        return (
+            f"{self.num_layers} layers (base has {self.base.num_layers}; "
+            f"{self.removed_layer_fraction:.1%} removed), "
+            f"{self.num_parameters:,} parameters ({self.removed_parameter_fraction:.1%} removed), "
+            f"dtype {str(self.dtype).removeprefix('torch.')}"
+        )
+
+
+def open_sources(recipe: Recipe) -> dict[str, Source]:
+    sources = {}
+    for name, ref in recipe.models.items():
+        try:
+            sources[name] = Source(ref, name)
+        except TailorkitError as e:
+            raise type(e)(f"model {name!r}: {e}") from e
+    return sources
+
+
+def make_plan(recipe: Recipe, dtype: str | torch.dtype | None = None, sources: dict[str, Source] | None = None) -> Plan:
+    """Validate ``recipe`` against its sources and list every output tensor."""
+    sources = sources or open_sources(recipe)
+    base = sources[recipe.base_model]
+    _check_compatible(base, sources)
+    out_dtype = _resolve_dtype(dtype or recipe.dtype, base)
+
+    layers = recipe.output_layers()
+    jobs: list[TensorJob] = []
+    for name in base.arch.embedding_tensors:
+        jobs.append(_passthrough_job(name, sources[recipe.embeddings_model], base, out_dtype))
+    for out_index, layer in enumerate(layers):
+        jobs += _layer_jobs(out_index, layer, sources, base, out_dtype)
+    for name in base.arch.head_tensors:
+        jobs.append(_passthrough_job(name, sources[recipe.head_model], base, out_dtype))
+    config = _output_config(base, sources, layers, out_dtype)
+    return Plan(recipe, sources, jobs, config, out_dtype, layers)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, base: Source) -> torch.dtype:
+    if dtype is None:
+        return base.dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = ("float32", "bfloat16", "float16")
+    if dtype not in allowed:
+        raise RecipeError(f"dtype: {dtype!r} is not one of {', '.join(allowed)}")
+    return getattr(torch, dtype)
+
+
+def _check_compatible(base: Source, sources: dict[str, Source]) -> None:
+    for name, src in sources.items():
+        for what, a, b in (
+            ("hidden size", base.arch.hidden_size, src.arch.hidden_size),
+            ("vocabulary size", base.arch.vocab_size, src.arch.vocab_size),
+            ("model_type", base.config.get("model_type"), src.config.get("model_type")),
+        ):
+            if a != b:
+                raise RecipeError(
+                    f"model {name!r} has {what} {b}, but the base model {base.name!r} has {a}; "
+                    "all models in a recipe must share architecture, hidden size and vocabulary"
+                )
+
+
+def _passthrough_job(name: str, src: Source, base: Source, dtype: torch.dtype) -> TensorJob:
+    ref = base.tensors[name]
+    info = src.tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"model {src.name!r} has no tensor {name!r} (the base model has it)")
+    if info.shape != ref.shape:
+        raise RecipeError(f"tensor {name!r}: shape {list(info.shape)} in {src.name!r} but {list(ref.shape)} in the base")
+    return TensorJob(name, info.shape, _out_dtype(info, dtype), PASSTHROUGH, (Input(src, info),))
+
+
+def _out_dtype(info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    # Integer and bool buffers keep their type; only floating tensors are cast.
+    return dtype if info.dtype.is_floating_point else info.dtype
+
+
+def _layer_jobs(
+    out_index: int, layer: OutputLayer, sources: dict[str, Source], base: Source, dtype: torch.dtype
+) -> list[TensorJob]:
+    where = f"output layer {out_index} ({layer.describe()})"
+    refs = list(layer.sources) + ([layer.base] if layer.base else [])
+    tensors = []
+    for model, index in refs:
+        try:
+            tensors.append(sources[model].layer(index))
+        except CheckpointError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    first = tensors[0]
+    # The output layer must look like the base model's layer at the same depth.
+    reference = base.layer(min(layer.first[1], base.num_layers - 1))
+    for (model, index), layer_tensors in zip(refs, tensors):
+        _same_layout(where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference)
+    jobs = []
+    for rest, info in first.items():
+        inputs = tuple(Input(sources[m], t[rest]) for (m, _), t in zip(layer.sources, tensors))
+        base_input = Input(sources[layer.base[0]], tensors[-1][rest]) if layer.base else None
+        name = base.arch.layer_name(out_index, rest)
+        job_layer = layer if info.dtype.is_floating_point else PASSTHROUGH
+        jobs.append(TensorJob(name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index))
+    return jobs
+
+
+def _same_layout(where: str, name_a: str, a: dict[str, TensorInfo], name_b: str, b: dict[str, TensorInfo]) -> None:
+    if set(a) != set(b):
+        diff = sorted(set(a) ^ set(b))
+        raise RecipeError(f"{where}: {name_a} and {name_b} have different tensors (e.g. {diff[0]!r})")
+    for rest in a:
+        if a[rest].shape != b[rest].shape:
+            raise RecipeError(
+                f"{where}: tensor {rest!r} has shape {list(a[rest].shape)} in {name_a} "
+                f"but {list(b[rest].shape)} in {name_b}"
+            )
+
+
+def _output_config(base: Source, sources: dict[str, Source], layers: list[OutputLayer], dtype: torch.dtype) -> dict:
+    config = copy.deepcopy(base.config)
+    set_path(config, base.arch.layer_count_path, len(layers))
+    for path in base.arch.per_layer_lists:
+        values = []
+        for model, index in (layer.first for layer in layers):
+            src = sources[model]
+            own = path in src.arch.per_layer_lists
+            values.append(get_path((src if own else base).config, path)[index if own else min(index, base.num_layers - 1)])
+        set_path(config, path, values)
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    return config

@@ -1,0 +1,317 @@
+"""The Recipe: a small, serialisable description of a tailored model.
+
+Every method produces one and every consumer (build, assemble, model card)
+reads one.  The YAML form is a user-facing contract (see RECIPE.md in the
+docs); this module parses it strictly — unknown keys are an error — and
+expands it into ``OutputLayer`` records, one per output layer, that the
+planner turns into tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tailorkit.errors import RecipeError
+
+MERGE_METHODS = ("passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class LayerRef(_Strict):
+    """One layer of one source model, with an optional weight."""
+
+    model: str = Field(alias="from", description="name of a model in `models`")
+    layer: int = Field(ge=0, description="layer index in that model, from 0")
+    weight: float | None = Field(default=None, description="weight in a linear or task-arithmetic merge")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"weight must be a finite number, got {v}")
+        return v
+
+
+class LayerRange(_Strict):
+    """Shorthand: layers [start, stop) of one model passed through."""
+
+    model: str = Field(alias="from")
+    layers: tuple[int, int] = Field(description="half-open range [start, stop), like range()")
+
+    @field_validator("layers")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layers must be [start, stop) with 0 <= start < stop, got {list(v)}")
+        return v
+
+
+class Merge(_Strict):
+    """One output layer computed from several source layers."""
+
+    merge: Literal["passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco"]
+    sources: list[LayerRef] = Field(min_length=1)
+    base: LayerRef | None = None
+    lambda_: float | None = Field(default=None, alias="lambda", description="task-vector scale")
+    density: float | None = Field(default=None, gt=0, le=1, description="fraction kept by ties")
+    t: float | None = Field(default=None, ge=0, le=1, description="slerp position, 0 = first source")
+
+    @field_validator("lambda_")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"lambda must be a finite number, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_fit_method(self) -> Merge:
+        allowed = {
+            "passthrough": set(),
+            "linear": set(),
+            "task_arithmetic": {"base", "lambda_"},
+            "ties": {"base", "lambda_", "density"},
+            "slerp": {"t"},
+            "laco": set(),
+        }[self.merge]
+        for name in ("base", "lambda_", "density", "t"):
+            if getattr(self, name) is not None and name not in allowed:
+                raise ValueError(f"field '{name.rstrip('_')}' is not used by merge '{self.merge}'")
+        needs_base = self.merge in ("task_arithmetic", "ties")
+        if needs_base and self.base is None:
+            raise ValueError(f"merge '{self.merge}' needs a 'base' layer to take task vectors against")
+        counts = {"passthrough": (1, 1), "slerp": (2, 2), "laco": (2, None)}
+        lo, hi = counts.get(self.merge, (1, None))
+        n = len(self.sources)
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+            raise ValueError(f"merge '{self.merge}' takes {want} source(s), got {n}")
+        if self.merge in ("slerp", "laco", "passthrough", "ties") and any(
+            s.weight is not None for s in self.sources
+        ):
+            raise ValueError(f"merge '{self.merge}' does not take per-source weights")
+        if self.merge == "linear":
+            total = sum(1.0 if s.weight is None else s.weight for s in self.sources)
+            if total == 0:
+                raise ValueError("linear merge weights sum to 0; they are normalised to sum 1")
+        return self
+
+
+_TAGS = ("Merge", "LayerRange", "LayerRef")
+
+
+def _entry_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        keys = set(v)
+    elif isinstance(v, BaseModel):
+        return {Merge: "Merge", LayerRange: "LayerRange", LayerRef: "LayerRef"}.get(type(v))
+    else:
+        return None
+    if "merge" in keys:
+        return "Merge"
+    if "layers" in keys:
+        return "LayerRange"
+    if "layer" in keys:
+        return "LayerRef"
+    return None
+
+
+LayerEntry = Annotated[
+    Union[
+        Annotated[Merge, Tag("Merge")],
+        Annotated[LayerRange, Tag("LayerRange")],
+        Annotated[LayerRef, Tag("LayerRef")],
+    ],
+    Discriminator(
+        _entry_kind,
+        custom_error_type="layer_entry",
+        custom_error_message="a layer entry needs 'merge', 'layers' (a range) or 'layer' (one layer)",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """One output layer, expanded: a method, its inputs and its parameters."""
+
+    method: str
+    sources: tuple[tuple[str, int], ...]  # (model, layer)
+    weights: tuple[float, ...] = ()  # effective coefficients, meaning depends on method
+    base: tuple[str, int] | None = None
+    params: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def first(self) -> tuple[str, int]:
+        """The source whose per-layer config settings (layer_types, ...) this layer takes."""
+        return self.sources[0]
+
+    def describe(self) -> str:
+        """One line for tables and errors, e.g. ``linear(a[3] x0.6, b[3] x0.4)``."""
+        refs = [f"{m}[{i}]" for m, i in self.sources]
+        if self.method == "passthrough":
+            return refs[0]
+        if self.method == "linear":
+            refs = [f"{r} x{w:.3g}" for r, w in zip(refs, self.weights)]
+        if self.base:
+            refs.insert(0, f"base {self.base[0]}[{self.base[1]}]")
+        refs += [f"{k}={v:.3g}" for k, v in self.params.items()]
+        return f"{self.method}({', '.join(refs)})"
+
+
+class Recipe(_Strict):
+    """A tailored model: source models, output layers in order, and where the rest comes from."""
+
+    models: dict[str, str] = Field(min_length=1, description="name -> local directory or Hub repo id")
+    base: str | None = Field(default=None, description="model whose config, tokenizer and non-layer tensors are used")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    layers: list[LayerEntry] = Field(min_length=1)
+    embeddings: str | None = None
+    head: str | None = None
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> Recipe:
+        names = set(self.models)
+        for key in ("base", "embeddings", "head"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise ValueError(f"{key}: model {value!r} is not in models ({', '.join(self.models)})")
+        for i, entry in enumerate(self.layers):
+            refs = [entry] if not isinstance(entry, Merge) else [*entry.sources, *filter(None, [entry.base])]
+            for ref in refs:
+                if ref.model not in names:
+                    raise ValueError(
+                        f"layers[{i}]: model {ref.model!r} is not in models ({', '.join(self.models)})"
+                    )
+        return self
+
+    # -- names ---------------------------------------------------------------------------
+    @property
+    def base_model(self) -> str:
+        return self.base or next(iter(self.models))
+
+    @property
+    def embeddings_model(self) -> str:
+        return self.embeddings or self.base_model
+
+    @property
+    def head_model(self) -> str:
+        return self.head or self.base_model
+
+    # -- expansion -----------------------------------------------------------------------
+    def output_layers(self) -> list[OutputLayer]:
+        """The layer list with ranges expanded and merge coefficients made explicit."""
+        out: list[OutputLayer] = []
+        for entry in self.layers:
+            if isinstance(entry, LayerRange):
+                out += [OutputLayer("passthrough", ((entry.model, i),)) for i in range(*entry.layers)]
+            elif isinstance(entry, LayerRef):
+                out.append(OutputLayer("passthrough", ((entry.model, entry.layer),)))
+            else:
+                out.append(_expand_merge(entry))
+        return out
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        from tailorkit import __version__
+
+        text = f"# tailorkit {__version__} recipe\n" + yaml.safe_dump(
+            self.to_dict(), sort_keys=False, default_flow_style=None, width=100
+        )
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def fingerprint(self) -> str:
+        """A stable hash of the recipe's content, for caches and provenance."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: a recipe is a mapping with 'models' and 'layers'")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(_format_errors(where, e)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe from a YAML or JSON file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        return cls.from_dict(data, where=str(path))
+
+    def plan(self, dtype: str | None = None):
+        """Open the sources and validate against them; returns a ``Plan`` (reads headers only)."""
+        from tailorkit.plan import make_plan
+
+        return make_plan(self, dtype=dtype)
+
+
+def _expand_merge(m: Merge) -> OutputLayer:
+    sources = tuple((s.model, s.layer) for s in m.sources)
+    base = (m.base.model, m.base.layer) if m.base else None
+    raw = [1.0 if s.weight is None else s.weight for s in m.sources]
+    if m.merge == "linear":
+        total = sum(raw)
+        return OutputLayer("linear", sources, tuple(w / total for w in raw))
+    if m.merge == "task_arithmetic":
+        return OutputLayer("task_arithmetic", sources, tuple(raw), base, {"lambda": _or(m.lambda_, 1.0)})
+    if m.merge == "ties":
+        params = {"lambda": _or(m.lambda_, 1.0), "density": _or(m.density, 1.0)}
+        return OutputLayer("ties", sources, (), base, params)
+    if m.merge == "slerp":
+        return OutputLayer("slerp", sources, (), None, {"t": _or(m.t, 0.5)})
+    return OutputLayer(m.merge, sources)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _format_errors(where: str, e: ValidationError) -> str:
+    lines = [f"{where}: invalid recipe"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in _TAGS)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the recipe format)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,401 @@
+"""Tests for tailorkit.ops: kernels against references, references against float64.
+
+Every test draws fresh random inputs from a generator seeded from os.urandom;
+the seed is printed, so pytest shows it for a failing test and the failure can
+be replayed with TAILORKIT_TEST_SEED=<seed>.
+
+The C++ kernels must match the PyTorch references bit for bit (torch.equal):
+both accumulate in float32 in the same order, with separate multiplies and
+adds (the extension is built with -ffp-contract=off) and one final rounding.
+Kernel tests skip, with the reason, when the extension is not in use.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailorkit import ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "bf16", "f16"]
+KS = [1, 2, 3, 5]
+# Lengths around vector widths and blocks, a 2-D and a strided shape; the kernel
+# tests add 300_001 elements, which span several parallel tasks.
+SHAPES = [(1,), (7,), (1023,), (4097,), (33, 65), "noncontiguous"]
+SHAPE_IDS = ["1", "7", "1023", "4097", "33x65", "noncontig"]
+KERNEL_SHAPES = [*SHAPES, (300_001,)]
+KERNEL_SHAPE_IDS = [*SHAPE_IDS, "300001"]
+# Unit roundoff of each output dtype: round-to-nearest error is at most u * |x|.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+needs_kernel = pytest.mark.skipif(
+    ops.backend() != "cpp", reason=f"C++ kernels not in use: {ops.backend_reason()}"
+)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("TAILORKIT_TEST_SEED", int.from_bytes(os.urandom(8), "little")))
+    print(f"random seed: TAILORKIT_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def source_dtypes(kind: str | torch.dtype, k: int) -> list[torch.dtype]:
+    """The dtype of each of k sources: all the same, or cycling through all three."""
+    if kind == "mixed":
+        return [DTYPES[i % 3] for i in range(k)]
+    return [kind] * k
+
+
+def make(shape, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """A random normal tensor; "noncontiguous" gives a transposed (48, 64) view."""
+    if shape == "noncontiguous":
+        t = torch.randn(64, 48, generator=gen).mul_(scale).to(dtype).t()  # (48, 64), strided
+        assert not t.is_contiguous()
+        return t
+    return torch.randn(shape, generator=gen).mul_(scale).to(dtype)
+
+
+def make_grid(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Multiples of 1/8 in [-8, 8]: exact in every dtype, and sums of a few of them
+    are exact in float32 too, so TIES decisions are the same in float32 and float64."""
+    t = torch.randint(-64, 65, (64, 48) if shape == "noncontiguous" else shape, generator=gen)
+    t = (t.double() / 8).to(dtype)
+    return t.t() if shape == "noncontiguous" else t
+
+
+def random_weights(k: int, gen: torch.Generator) -> list[float]:
+    return (torch.rand(k, generator=gen, dtype=torch.float64) * 4 - 2).tolist()
+
+
+def assert_close_to_exact(result: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor):
+    """|result - exact| <= u_out * |exact| + bound, elementwise (all in float64)."""
+    u = UNIT_ROUNDOFF[result.dtype]
+    err = (result.double() - exact).abs()
+    allowed = u * exact.abs() + (1 + u) * bound
+    if result.dtype == torch.float16:
+        allowed = allowed + 2.0**-25  # half the smallest subnormal: underflow near 0
+    worst = (err - allowed).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"error exceeds the stated bound by {worst:g}"
+
+
+# --------------------------------------------------------------------------
+# weighted_sum
+# --------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=KERNEL_SHAPE_IDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", KS)
+def test_weighted_sum_kernel_matches_reference(k, src, out_dtype, shape, gen):
+    sources = [make(shape, d, gen) for d in source_dtypes(src, k)]
+    weights = random_weights(k, gen)
+    got = ops.weighted_sum(sources, weights, out_dtype)
+    want = ops._weighted_sum_reference(sources, weights, out_dtype)
+    assert got.dtype == out_dtype and got.shape == sources[0].shape
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", KS)
+def test_weighted_sum_reference_is_accurate(k, src, out_dtype, shape, gen):
+    """The reference against float64 arithmetic on the same inputs.
+
+    Each of the K float32 multiplies and adds (and the rounding of each weight to
+    float32) errs by at most 2^-24 of the running magnitudes, so
+    |float32 sum - exact| <= (2K + 1) * 2^-24 * sum_i |w_i * x_i|; the cast to
+    out_dtype adds at most its unit roundoff times the value.
+    """
+    sources = [make(shape, d, gen) for d in source_dtypes(src, k)]
+    weights = random_weights(k, gen)
+    got = ops._weighted_sum_reference(sources, weights, out_dtype)
+    exact = sum(w * s.double() for s, w in zip(sources, weights))
+    magnitude = sum(abs(w) * s.double().abs() for s, w in zip(sources, weights))
+    assert_close_to_exact(got, exact, (2 * k + 1) * 2.0**-24 * magnitude)
+
+
+@pytest.mark.parametrize("path", ["public", "reference"])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+def test_weighted_sum_writes_out_in_place(path, out_dtype, gen):
+    sources = [make((5, 301), d, gen) for d in DTYPES]
+    weights = random_weights(3, gen)
+    fn = ops.weighted_sum if path == "public" else ops._weighted_sum_reference
+    out = torch.full((5, 301), float("nan"), dtype=out_dtype)
+    ptr = out.data_ptr()
+    result = fn(sources, weights, out_dtype, out=out)
+    assert result is out and out.data_ptr() == ptr
+    assert torch.equal(out, ops._weighted_sum_reference(sources, weights, out_dtype))
+
+
+def test_weighted_sum_out_into_a_buffer_slice(gen):
+    """`out` may be a contiguous view into a larger buffer (e.g. an output shard)."""
+    buffer = torch.zeros(3, 1000, dtype=torch.bfloat16)
+    sources = [make(1000, torch.bfloat16, gen) for _ in range(2)]
+    ops.weighted_sum(sources, [0.5, 0.5], torch.bfloat16, out=buffer[1])
+    assert torch.equal(buffer[1], ops._weighted_sum_reference(sources, [0.5, 0.5], torch.bfloat16))
+    assert not buffer[0].any() and not buffer[2].any()
+
+
+def test_weighted_sum_known_values():
+    """Task arithmetic and LaCo are weighted sums with derived weights."""
+    base = torch.tensor([1.0, 2.0, -4.0])
+    a = torch.tensor([2.0, 2.0, -3.0])
+    b = torch.tensor([1.0, 4.0, -4.0])
+    lam = 0.5  # task arithmetic: base + lam * ((a - base) + (b - base))
+    got = ops.weighted_sum([base, a, b], [1 - 2 * lam, lam, lam], torch.float32)
+    assert torch.equal(got, torch.tensor([1.5, 3.0, -3.5]))
+    # LaCo: base + (a - base) + (b - base) = a + b - base
+    got = ops.weighted_sum([base, a, b], [1 - 2, 1, 1], torch.bfloat16)
+    assert torch.equal(got, torch.tensor([2.0, 4.0, -3.0], dtype=torch.bfloat16))
+
+
+def test_weighted_sum_empty_tensor():
+    sources = [torch.empty(0, 4, dtype=torch.bfloat16), torch.empty(0, 4)]
+    got = ops.weighted_sum(sources, [1.0, 2.0], torch.float16)
+    assert got.shape == (0, 4) and got.dtype == torch.float16
+
+
+@needs_kernel
+def test_weighted_sum_kernel_independent_of_thread_count(gen):
+    sources = [make(1_000_003, d, gen) for d in DTYPES]
+    weights = random_weights(3, gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.weighted_sum(sources, weights, torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, ops.weighted_sum(sources, weights, torch.bfloat16))
+
+
+def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit value of dtype except NaNs (which never compare equal)."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x[~x.isnan()]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_kernel_conversions_exhaustive_16_bit(dtype):
+    """All 2^16 inputs widen exactly and round-trip, subnormals and infinities included."""
+    x = _all_bit_patterns(dtype)
+    assert torch.equal(ops.weighted_sum([x], [1.0], torch.float32), x.float())
+    assert torch.equal(ops.weighted_sum([x], [1.0], dtype), x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_kernel_rounding_matches_torch(out_dtype, gen):
+    """float32 -> 16-bit rounding (nearest even, overflow, underflow) matches Tensor.to."""
+    bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=gen, dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)  # every exponent, NaNs included
+    specials = torch.tensor(
+        [0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+         2.0**-14, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8,
+         3.4e38, float("inf"), -float("inf"), float("nan")]
+    )  # fmt: skip
+    x = torch.cat([x, specials, -specials])
+    got = ops.weighted_sum([x], [1.0], out_dtype)
+    want = x.to(out_dtype)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite])
+
+
+# --------------------------------------------------------------------------
+# ties_merge
+# --------------------------------------------------------------------------
+
+
+def _ties_inputs(k, src, shape, gen, grid=False):
+    maker = make_grid if grid else make
+    base_dtype = DTYPES[k % 3] if src == "mixed" else src
+    base = maker(shape, base_dtype, gen)
+    sources = [maker(shape, d, gen) for d in source_dtypes(src, k)]
+    density = [1.0, 0.7, 0.5, 0.2][k % 4]
+    return base, sources, ops.ties_thresholds(base, sources, density)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=KERNEL_SHAPE_IDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", KS)
+def test_ties_kernel_matches_reference(k, src, out_dtype, shape, gen):
+    base, sources, thresholds = _ties_inputs(k, src, shape, gen)
+    lam = float(torch.rand((), generator=gen)) * 2
+    got = ops.ties_merge(base, sources, thresholds, lam, out_dtype)
+    want = ops._ties_merge_reference(base, sources, thresholds, lam, out_dtype)
+    assert got.dtype == out_dtype and got.shape == base.shape
+    assert torch.equal(got, want)
+
+
+def _ties_float64(base, sources, thresholds, lam):
+    """TIES written out element by element's definition, in float64."""
+    b = base.double()
+    taus = [s.double() - b for s in sources]
+    kept = [torch.where(t.abs() >= thr, t, 0.0) for t, thr in zip(taus, thresholds)]
+    elected = torch.sign(sum(kept))
+    agree = [(torch.sign(k) == elected) & (k != 0) for k in kept]
+    num = sum(torch.where(a, k, 0.0) for a, k in zip(agree, kept))
+    cnt = sum(a.double() for a in agree)
+    mean = torch.where(cnt > 0, num / cnt.clamp(min=1), 0.0)
+    return b + lam * mean, b.abs() + abs(lam) * mean.abs()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", KS)
+def test_ties_reference_is_accurate(k, src, out_dtype, shape, gen):
+    """The reference against float64 TIES on grid-valued inputs.
+
+    On multiples of 1/8 the task vectors, thresholds and sums are exact in
+    float32, so trimming and sign election decide the same as in float64; what
+    remains is the division (one rounding), lam * mean and the add (one each),
+    so |float32 - exact| <= 4 * 2^-24 * (|base| + |lam * mean|), plus the cast.
+    """
+    base, sources, thresholds = _ties_inputs(k, src, shape, gen, grid=True)
+    lam = float(torch.rand((), generator=gen)) * 2
+    got = ops._ties_merge_reference(base, sources, thresholds, lam, out_dtype)
+    exact, magnitude = _ties_float64(base, sources, thresholds, lam)
+    assert_close_to_exact(got, exact, 4 * 2.0**-24 * magnitude)
+
+
+@pytest.mark.parametrize("path", ["public", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ties_hand_made_case(path, dtype):
+    """Trim, elect the sign with the larger mass, then average only agreeing values."""
+    base = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=dtype)
+    s1 = torch.tensor([3.0, -1.0, 2.0, 0.5, 1.0, 2.0], dtype=dtype)  # threshold 1.5
+    s2 = torch.tensor([-1.0, -1.0, -5.0, 0.5, 1.0, -2.0], dtype=dtype)
+    s3 = torch.tensor([1.0, 2.0, 2.0, 0.5, 1.0, 0.0], dtype=dtype)
+    # element 0: kept 3, -1, 1; total 3 > 0; mean of the positives (3 + 1) / 2 = 2
+    # element 1: s1's -1 is trimmed (|-1| < 1.5), so total = -1 + 2 > 0; mean 2
+    # element 2: two positives (2, 2) lose to one larger negative (-5): mean -5
+    # element 3: s1 trimmed; 0.5 and 0.5 agree: mean 0.5
+    # element 4: no task vectors at all: the base survives
+    # element 5: 2 and -2 cancel: no sign is elected, the base survives
+    expected = torch.tensor([1.0, 1.0, -2.5, 0.25, 1.0, 0.0], dtype=dtype)
+    fn = ops.ties_merge if path == "public" else ops._ties_merge_reference
+    got = fn(base, [s1, s2, s3], [1.5, 0.0, 0.0], 0.5, dtype)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("path", ["public", "reference"])
+def test_ties_writes_out_in_place(path, gen):
+    base, sources, thresholds = _ties_inputs(3, "mixed", (17, 31), gen)
+    fn = ops.ties_merge if path == "public" else ops._ties_merge_reference
+    out = torch.full((17, 31), float("nan"), dtype=torch.float16)
+    ptr = out.data_ptr()
+    result = fn(base, sources, thresholds, 0.7, torch.float16, out=out)
+    assert result is out and out.data_ptr() == ptr
+    want = ops._ties_merge_reference(base, sources, thresholds, 0.7, torch.float16)
+    assert torch.equal(out, want)
+
+
+def test_ties_thresholds_keep_the_requested_fraction(gen):
+    base = make(1000, torch.float32, gen)
+    # Distinct magnitudes: task vectors are a shuffled 1..1000 with random signs.
+    taus = [
+        torch.randperm(1000, generator=gen).float().add(1)
+        * torch.randint(0, 2, (1000,), generator=gen).mul(2).sub(1)
+        for _ in range(3)
+    ]
+    sources = [base + t for t in taus]
+    for density in (0.001, 0.2, 0.25, 0.999, 1.0):
+        thresholds = ops.ties_thresholds(base, sources, density)
+        for s, thr in zip(sources, thresholds):
+            kept = ((s - base).abs() >= thr).sum().item()
+            assert kept == max(1, round(density * 1000))
+    assert ops.ties_thresholds(base, sources, 1.0) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_ties_thresholds_rejects_bad_density(density):
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="density"):
+        ops.ties_thresholds(x, [x], density)
+
+
+# --------------------------------------------------------------------------
+# Input checks and dispatch
+# --------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_explained():
+    a = torch.zeros(4)
+    with pytest.raises(ValueError, match="at least one source"):
+        ops.weighted_sum([], [], torch.float32)
+    with pytest.raises(ValueError, match="2 source tensors but 1 weights"):
+        ops.weighted_sum([a, a], [1.0], torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        ops.weighted_sum([a, torch.zeros(5)], [1.0, 1.0], torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        ops.weighted_sum([a.double()], [1.0], torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.weighted_sum([a], [1.0], torch.int8)
+    with pytest.raises(ValueError, match="out is a"):
+        ops.weighted_sum([a], [1.0], torch.float16, out=torch.empty(4))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.weighted_sum([a], [1.0], torch.float32, out=torch.empty(4, 2)[:, 0])
+    with pytest.raises(ValueError, match="base has shape"):
+        ops.ties_merge(torch.zeros(3), [a], [0.0], 1.0, torch.float32)
+
+
+def test_inputs_needing_gradients_use_the_reference():
+    a = torch.randn(8, requires_grad=True)
+    out = ops.weighted_sum([a, torch.randn(8)], [2.0, 1.0], torch.float32)
+    out.sum().backward()
+    assert torch.equal(a.grad, torch.full((8,), 2.0))
+
+
+def test_backend_reports_itself():
+    assert ops.backend() in ("cpp", "reference")
+    reason = ops.backend_reason()
+    assert isinstance(reason, str) and reason
+    if ops.backend() == "cpp":
+        assert reason.startswith("C++ extension loaded")
+
+
+def _run_python(code: str, **env: str) -> str:
+    """Run code in a fresh interpreter that imports the same tailorkit as this test."""
+    package_root = str(Path(ops.__file__).resolve().parents[1])
+    full_env = {**os.environ, **env}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [package_root, os.environ.get("PYTHONPATH")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_disable_env_var_forces_the_reference():
+    out = _run_python(
+        "import torch, tailorkit.ops as o\n"
+        "print(o.backend()); print(o.backend_reason())\n"
+        "x = torch.arange(5.0)\n"
+        "print(o.weighted_sum([x, x], [1.0, 2.0], torch.float32).tolist())\n",
+        TAILORKIT_DISABLE_EXTENSION="1",
+    )
+    lines = out.splitlines()
+    assert lines[0] == "reference"
+    assert "TAILORKIT_DISABLE_EXTENSION" in lines[1]
+    assert lines[2] == "[0.0, 3.0, 6.0, 9.0, 12.0]"
+
+
+def test_import_does_not_initialise_cuda():
+    out = _run_python("import torch, tailorkit.ops\nprint(torch.cuda.is_initialized())")
+    assert out.strip() == "False"
