@@ -31,8 +31,15 @@ CXX_FLAGS = [
 LINK_FLAGS = ["-fopenmp"]
 
 
+# Commands that only gather metadata or sources: a build backend runs these first (before
+# the build requirements, torch among them, are installed), so saying "skipped" then is noise.
+_METADATA_COMMANDS = {"egg_info", "dist_info", "sdist"}
+_BUILDING = any(not a.startswith("-") and a not in _METADATA_COMMANDS for a in sys.argv[1:])
+
+
 def _note(message: str) -> None:
-    print(f"tailorkit setup: {message}", file=sys.stderr, flush=True)
+    if _BUILDING:
+        print(f"tailorkit setup: {message}", file=sys.stderr, flush=True)
 
 
 def _cxx_compiler() -> str | None:

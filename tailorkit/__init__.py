@@ -1,9 +1,9 @@
 """tailorkit: make a language model smaller by removing, stitching and merging whole layers.
 
-    import tailorkit as tk
-    recipe = tk.Recipe.load("recipe.yaml")
-    tk.build(recipe, "out/")          # stream a Hugging Face checkpoint to disk
-    model = tk.assemble(recipe)       # or get the transformers model in memory
+import tailorkit as tk
+recipe = tk.Recipe.load("recipe.yaml")
+tk.build(recipe, "out/")          # stream a Hugging Face checkpoint to disk
+model = tk.assemble(recipe)       # or get the transformers model in memory
 """
 
 from tailorkit.assemble import assemble

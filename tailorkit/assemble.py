@@ -20,7 +20,9 @@ def config_from_dict(config: dict, trust_remote_code: bool = False):
 
     model_type = config.get("model_type")
     if not model_type:
-        raise CheckpointError("config.json has no model_type; transformers cannot tell the architecture")
+        raise CheckpointError(
+            "config.json has no model_type; transformers cannot tell the architecture"
+        )
     if "auto_map" in config and not trust_remote_code:
         raise CheckpointError(
             f"model_type {model_type!r} needs custom code from the model repo (auto_map); "
@@ -48,7 +50,8 @@ def assemble(recipe: Recipe | Plan | str, *, dtype: str | None = None):
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(
-            f"the model class {type(model).__name__} has no parameter for tensor {result.unexpected_keys[0]!r}"
+            f"the model class {type(model).__name__} has no parameter for tensor "
+            f"{result.unexpected_keys[0]!r}"
         )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -56,4 +59,3 @@ def assemble(recipe: Recipe | Plan | str, *, dtype: str | None = None):
     if missing:
         raise CheckpointError(f"the recipe's checkpoint has no tensor for parameter {missing[0]!r}")
     return model.eval()
-

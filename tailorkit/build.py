@@ -83,7 +83,9 @@ def _write_weights(plan: Plan, out: Path, max_bytes: int, progress: bool) -> Non
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     plan.check_unchanged()
-    with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="build", disable=not progress) as bar:
+    with tqdm(
+        total=plan.nbytes, unit="B", unit_scale=True, desc="build", disable=not progress
+    ) as bar:
         for file, shard in zip(names, shards):
             writer = ShardWriter(out / file, shard)
             try:
@@ -126,8 +128,12 @@ def default_readme(plan: Plan) -> str:
     if hub_ids:
         front += ["base_model:", *[f"- {r}" for r in hub_ids]]
     front.append("---")
-    rows = "\n".join(f"| {i} | {layer.method} | {layer.describe()} |" for i, layer in enumerate(plan.layers))
-    return "\n".join(front) + f"""
+    rows = "\n".join(
+        f"| {i} | {layer.method} | {layer.describe()} |" for i, layer in enumerate(plan.layers)
+    )
+    return (
+        "\n".join(front)
+        + f"""
 
 # Tailored model
 
@@ -140,3 +146,4 @@ Built by [tailorkit](https://pypi.org/project/tailorkit/) from `recipe.yaml` (in
 
 Rebuild with `tailorkit build recipe.yaml OUT_DIR`.
 """
+    )

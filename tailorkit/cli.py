@@ -21,7 +21,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     plan = Recipe.load(args.recipe).plan(args.dtype)
     print(f"recipe {args.recipe}: {plan.summary()}", file=sys.stderr)
-    build(plan, args.out_dir, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    build(
+        plan,
+        args.out_dir,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0
 
@@ -59,7 +65,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     rows = [
         ("tailorkit", __version__),
-        ("torch", f"{torch.__version__} (CUDA {'available' if torch.cuda.is_available() else 'not available'})"),
+        (
+            "torch",
+            f"{torch.__version__} (CUDA {'' if torch.cuda.is_available() else 'not '}available)",
+        ),
         ("kernels", f"{ops.backend()}: {ops.backend_reason()}"),
         ("default model", f"{builtin.DEFAULT_MODEL} ({builtin.status()})"),
     ]
@@ -72,7 +81,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tailorkit.generate import generate, load_for_generation
 
     model, tokenizer = load_for_generation(args.model)
-    reply = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    reply = generate(
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat
+    )
     print(reply.strip() if args.chat else args.prompt + reply)
     return 0
 
@@ -85,36 +96,52 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tailorkit", description="Depth-wise compression of language models.")
+    p = argparse.ArgumentParser(
+        prog="tailorkit", description="Depth-wise compression of language models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("build", help="stream a recipe into a Hugging Face checkpoint")
     b.add_argument("recipe", help="recipe file (.yaml or .json)")
     b.add_argument("out_dir", help="output directory (created atomically)")
-    b.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 1GiB (default 5GB)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: recipe's, else base's)")
+    b.add_argument(
+        "--shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 1GiB (default 5GB)"
+    )
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="output dtype (default: recipe's, else base's)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_build)
 
-    v = sub.add_parser("validate", help="check a recipe against its models and show the plan (reads headers only)")
+    v = sub.add_parser(
+        "validate", help="check a recipe against its models and show the plan (reads headers only)"
+    )
     v.add_argument("recipe")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.set_defaults(func=_cmd_validate)
 
-    g = sub.add_parser("generate", help="greedy text from a built model, or from a recipe assembled in memory")
+    g = sub.add_parser(
+        "generate", help="greedy text from a built model, or from a recipe assembled in memory"
+    )
     g.add_argument("model", help="built checkpoint directory, recipe file, or model reference")
     g.add_argument("prompt", nargs="?", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=40)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
+    )
     g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser("doctor", help="show which kernels are active and why")
     d.set_defaults(func=_cmd_doctor)
 
-    m = sub.add_parser("default-model", help="convert the built-in default model once and print its directory")
+    m = sub.add_parser(
+        "default-model", help="convert the built-in default model once and print its directory"
+    )
     m.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     m.set_defaults(func=_cmd_default_model)
     return p
@@ -122,7 +149,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         return args.func(args)
     except TailorkitError as e:

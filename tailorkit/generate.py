@@ -1,4 +1,4 @@
-"""Greedy text generation from a built checkpoint or straight from a recipe: a quick look at a model."""
+"""Greedy text from a built checkpoint or straight from a recipe: a quick look at a model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tailorkit.recipe import Recipe
 
 
 def load_for_generation(model: str | Path):
-    """(model, tokenizer) from a built checkpoint directory, or a recipe file assembled in memory."""
+    """(model, tokenizer) from a built checkpoint, a model reference, or a recipe file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tailorkit.assemble import assemble
@@ -25,7 +25,7 @@ def load_for_generation(model: str | Path):
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, chat: bool = False) -> str:
-    """Greedy continuation of ``prompt`` (as a chat turn when ``chat``); returns the new text only."""
+    """Greedy continuation of ``prompt`` (a chat turn when ``chat``); only the new text."""
     if chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -35,6 +35,9 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, chat: b
     inputs = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

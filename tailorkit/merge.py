@@ -23,7 +23,9 @@ from tailorkit.recipe import OutputLayer
 
 # Linear combinations: (layer, inputs, base) -> (tensors, coefficients)
 Combination = tuple[list[torch.Tensor], list[float]]
-LINEAR_METHODS: dict[str, Callable[[OutputLayer, Sequence[torch.Tensor], torch.Tensor | None], Combination]] = {}
+LINEAR_METHODS: dict[
+    str, Callable[[OutputLayer, Sequence[torch.Tensor], torch.Tensor | None], Combination]
+] = {}
 
 # Slerp falls back to linear interpolation when the two tensors are this close to parallel.
 SLERP_PARALLEL_COS = 0.9995
@@ -79,7 +81,10 @@ def _slerp(layer, inputs, base) -> Combination:
     if abs(cos) > SLERP_PARALLEL_COS:
         return [a, b], [1.0 - t, t]
     omega = math.acos(cos)
-    return [a, b], [math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
+    return [a, b], [
+        math.sin((1 - t) * omega) / math.sin(omega),
+        math.sin(t * omega) / math.sin(omega),
+    ]
 
 
 def merge_chunks(
@@ -128,4 +133,6 @@ def merge_tensor(
 def check_finite(t: torch.Tensor, where: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise MergeError(f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)")
+        raise MergeError(
+            f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
+        )

@@ -61,7 +61,11 @@ class TensorJob:
 
     @property
     def where(self) -> str:
-        at = f"output layer {self.out_index} ({self.layer.describe()}), " if self.out_index is not None else ""
+        at = (
+            f"output layer {self.out_index} ({self.layer.describe()}), "
+            if self.out_index is not None
+            else ""
+        )
         return f"{at}tensor {self.name!r}"
 
     def all_inputs(self) -> tuple[Input, ...]:
@@ -72,12 +76,16 @@ class TensorJob:
         if self.is_raw_copy:
             return self.inputs[0].view()
         base = self.base.view() if self.base else None
-        return merge_tensor(self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where)
+        return merge_tensor(
+            self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
+        )
 
     def chunks(self):
         """The flattened output a chunk at a time (for the streaming writer)."""
         base = self.base.view() if self.base else None
-        return merge_chunks(self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where)
+        return merge_chunks(
+            self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
+        )
 
     def release(self) -> None:
         for i in self.all_inputs():
@@ -146,7 +154,9 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
     return sources
 
 
-def make_plan(recipe: Recipe, dtype: str | torch.dtype | None = None, sources: dict[str, Source] | None = None) -> Plan:
+def make_plan(
+    recipe: Recipe, dtype: str | torch.dtype | None = None, sources: dict[str, Source] | None = None
+) -> Plan:
     """Validate ``recipe`` against its sources and list every output tensor."""
     sources = sources or open_sources(recipe)
     base = sources[recipe.base_model]
@@ -196,7 +206,10 @@ def _passthrough_job(name: str, src: Source, base: Source, dtype: torch.dtype) -
     if info is None:
         raise CheckpointError(f"model {src.name!r} has no tensor {name!r} (the base model has it)")
     if info.shape != ref.shape:
-        raise RecipeError(f"tensor {name!r}: shape {list(info.shape)} in {src.name!r} but {list(ref.shape)} in the base")
+        raise RecipeError(
+            f"tensor {name!r}: shape {list(info.shape)} in {src.name!r} "
+            f"but {list(ref.shape)} in the base"
+        )
     return TensorJob(name, info.shape, _out_dtype(info, dtype), PASSTHROUGH, (Input(src, info),))
 
 
@@ -220,21 +233,31 @@ def _layer_jobs(
     # The output layer must look like the base model's layer at the same depth.
     reference = base.layer(min(layer.first[1], base.num_layers - 1))
     for (model, index), layer_tensors in zip(refs, tensors):
-        _same_layout(where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference)
+        _same_layout(
+            where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference
+        )
     jobs = []
     for rest, info in first.items():
         inputs = tuple(Input(sources[m], t[rest]) for (m, _), t in zip(layer.sources, tensors))
         base_input = Input(sources[layer.base[0]], tensors[-1][rest]) if layer.base else None
         name = base.arch.layer_name(out_index, rest)
         job_layer = layer if info.dtype.is_floating_point else PASSTHROUGH
-        jobs.append(TensorJob(name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index))
+        jobs.append(
+            TensorJob(
+                name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index
+            )
+        )
     return jobs
 
 
-def _same_layout(where: str, name_a: str, a: dict[str, TensorInfo], name_b: str, b: dict[str, TensorInfo]) -> None:
+def _same_layout(
+    where: str, name_a: str, a: dict[str, TensorInfo], name_b: str, b: dict[str, TensorInfo]
+) -> None:
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))
-        raise RecipeError(f"{where}: {name_a} and {name_b} have different tensors (e.g. {diff[0]!r})")
+        raise RecipeError(
+            f"{where}: {name_a} and {name_b} have different tensors (e.g. {diff[0]!r})"
+        )
     for rest in a:
         if a[rest].shape != b[rest].shape:
             raise RecipeError(
@@ -243,7 +266,9 @@ def _same_layout(where: str, name_a: str, a: dict[str, TensorInfo], name_b: str,
             )
 
 
-def _output_config(base: Source, sources: dict[str, Source], layers: list[OutputLayer], dtype: torch.dtype) -> dict:
+def _output_config(
+    base: Source, sources: dict[str, Source], layers: list[OutputLayer], dtype: torch.dtype
+) -> dict:
     config = copy.deepcopy(base.config)
     set_path(config, base.arch.layer_count_path, len(layers))
     for path in base.arch.per_layer_lists:
@@ -251,7 +276,11 @@ def _output_config(base: Source, sources: dict[str, Source], layers: list[Output
         for model, index in (layer.first for layer in layers):
             src = sources[model]
             own = path in src.arch.per_layer_lists
-            values.append(get_path((src if own else base).config, path)[index if own else min(index, base.num_layers - 1)])
+            values.append(
+                get_path((src if own else base).config, path)[
+                    index if own else min(index, base.num_layers - 1)
+                ]
+            )
         set_path(config, path, values)
     name = str(dtype).removeprefix("torch.")
     config["dtype"] = name

@@ -43,7 +43,9 @@ class LayerRef(_Strict):
 
     model: str = Field(alias="from", description="name of a model in `models`")
     layer: int = Field(ge=0, description="layer index in that model, from 0")
-    weight: float | None = Field(default=None, description="weight in a linear or task-arithmetic merge")
+    weight: float | None = Field(
+        default=None, description="weight in a linear or task-arithmetic merge"
+    )
 
     @field_validator("weight")
     @classmethod
@@ -75,7 +77,9 @@ class Merge(_Strict):
     base: LayerRef | None = None
     lambda_: float | None = Field(default=None, alias="lambda", description="task-vector scale")
     density: float | None = Field(default=None, gt=0, le=1, description="fraction kept by ties")
-    t: float | None = Field(default=None, ge=0, le=1, description="slerp position, 0 = first source")
+    t: float | None = Field(
+        default=None, ge=0, le=1, description="slerp position, 0 = first source"
+    )
 
     @field_validator("lambda_")
     @classmethod
@@ -99,7 +103,9 @@ class Merge(_Strict):
                 raise ValueError(f"field '{name.rstrip('_')}' is not used by merge '{self.merge}'")
         needs_base = self.merge in ("task_arithmetic", "ties")
         if needs_base and self.base is None:
-            raise ValueError(f"merge '{self.merge}' needs a 'base' layer to take task vectors against")
+            raise ValueError(
+                f"merge '{self.merge}' needs a 'base' layer to take task vectors against"
+            )
         counts = {"passthrough": (1, 1), "slerp": (2, 2), "laco": (2, None)}
         lo, hi = counts.get(self.merge, (1, None))
         n = len(self.sources)
@@ -145,7 +151,7 @@ LayerEntry = Annotated[
     Discriminator(
         _entry_kind,
         custom_error_type="layer_entry",
-        custom_error_message="a layer entry needs 'merge', 'layers' (a range) or 'layer' (one layer)",
+        custom_error_message="a layer entry needs 'merge', 'layers' (a range) or 'layer'",
     ),
 ]
 
@@ -181,8 +187,12 @@ class OutputLayer:
 class Recipe(_Strict):
     """A tailored model: source models, output layers in order, and where the rest comes from."""
 
-    models: dict[str, str] = Field(min_length=1, description="name -> local directory or Hub repo id")
-    base: str | None = Field(default=None, description="model whose config, tokenizer and non-layer tensors are used")
+    models: dict[str, str] = Field(
+        min_length=1, description="name -> local directory or Hub repo id"
+    )
+    base: str | None = Field(
+        default=None, description="model whose config, tokenizer and non-layer tensors are used"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     layers: list[LayerEntry] = Field(min_length=1)
     embeddings: str | None = None
@@ -194,13 +204,20 @@ class Recipe(_Strict):
         for key in ("base", "embeddings", "head"):
             value = getattr(self, key)
             if value is not None and value not in names:
-                raise ValueError(f"{key}: model {value!r} is not in models ({', '.join(self.models)})")
+                raise ValueError(
+                    f"{key}: model {value!r} is not in models ({', '.join(self.models)})"
+                )
         for i, entry in enumerate(self.layers):
-            refs = [entry] if not isinstance(entry, Merge) else [*entry.sources, *filter(None, [entry.base])]
+            refs = (
+                [entry]
+                if not isinstance(entry, Merge)
+                else [*entry.sources, *filter(None, [entry.base])]
+            )
             for ref in refs:
                 if ref.model not in names:
                     raise ValueError(
-                        f"layers[{i}]: model {ref.model!r} is not in models ({', '.join(self.models)})"
+                        f"layers[{i}]: model {ref.model!r} is not in models "
+                        f"({', '.join(self.models)})"
                     )
         return self
 
@@ -223,7 +240,9 @@ class Recipe(_Strict):
         out: list[OutputLayer] = []
         for entry in self.layers:
             if isinstance(entry, LayerRange):
-                out += [OutputLayer("passthrough", ((entry.model, i),)) for i in range(*entry.layers)]
+                out += [
+                    OutputLayer("passthrough", ((entry.model, i),)) for i in range(*entry.layers)
+                ]
             elif isinstance(entry, LayerRef):
                 out.append(OutputLayer("passthrough", ((entry.model, entry.layer),)))
             else:
@@ -275,7 +294,9 @@ class Recipe(_Strict):
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+            raise RecipeError(
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+            ) from None
         return cls.from_dict(data, where=str(path))
 
     def plan(self, dtype: str | None = None):
@@ -293,7 +314,9 @@ def _expand_merge(m: Merge) -> OutputLayer:
         total = sum(raw)
         return OutputLayer("linear", sources, tuple(w / total for w in raw))
     if m.merge == "task_arithmetic":
-        return OutputLayer("task_arithmetic", sources, tuple(raw), base, {"lambda": _or(m.lambda_, 1.0)})
+        return OutputLayer(
+            "task_arithmetic", sources, tuple(raw), base, {"lambda": _or(m.lambda_, 1.0)}
+        )
     if m.merge == "ties":
         params = {"lambda": _or(m.lambda_, 1.0), "density": _or(m.density, 1.0)}
         return OutputLayer("ties", sources, (), base, params)

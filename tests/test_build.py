@@ -28,18 +28,33 @@ def _stitch(base, ft) -> dict:
         "models": {"base": str(base), "ft": str(ft)},
         "layers": [
             {"from": "base", "layers": [0, 1]},
-            {"merge": "linear", "sources": [{"from": "base", "layer": 1, "weight": 0.3},
-                                            {"from": "ft", "layer": 1, "weight": 0.7}]},
-            {"merge": "task_arithmetic", "base": {"from": "base", "layer": 3},
-             "sources": [{"from": "ft", "layer": 3}], "lambda": 0.5},
-            {"merge": "ties", "base": {"from": "base", "layer": 2},
-             "sources": [{"from": "ft", "layer": 2}, {"from": "ft", "layer": 3}], "density": 0.4},
+            {
+                "merge": "linear",
+                "sources": [
+                    {"from": "base", "layer": 1, "weight": 0.3},
+                    {"from": "ft", "layer": 1, "weight": 0.7},
+                ],
+            },
+            {
+                "merge": "task_arithmetic",
+                "base": {"from": "base", "layer": 3},
+                "sources": [{"from": "ft", "layer": 3}],
+                "lambda": 0.5,
+            },
+            {
+                "merge": "ties",
+                "base": {"from": "base", "layer": 2},
+                "sources": [{"from": "ft", "layer": 2}, {"from": "ft", "layer": 3}],
+                "density": 0.4,
+            },
         ],
     }
 
 
 def _logits(model, seed: int = 0) -> torch.Tensor:
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         return model(ids).logits
 
@@ -70,7 +85,9 @@ def test_per_layer_config_lists_follow_their_layers(tiny_model_factory, tmp_path
     base = tiny_model_factory("gemma3", num_layers=6)
     src_types = json.loads((base / "config.json").read_text())["layer_types"]
     order = [5, 0, 2]
-    recipe = tk.Recipe.from_dict({"models": {"g": str(base)}, "layers": [{"from": "g", "layer": i} for i in order]})
+    recipe = tk.Recipe.from_dict(
+        {"models": {"g": str(base)}, "layers": [{"from": "g", "layer": i} for i in order]}
+    )
     out = tk.build(recipe, tmp_path / "out", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3
@@ -81,10 +98,16 @@ def test_per_layer_config_lists_follow_their_layers(tiny_model_factory, tmp_path
 
 
 def test_passthrough_is_byte_exact_and_assembly_shares_memory(family, tmp_path):
-    recipe = tk.Recipe.from_dict({
-        "models": {"b": str(family.base), "a": str(family.candidates[0])},
-        "layers": [{"from": "a", "layer": 2}, {"from": "b", "layers": [0, 2]}, {"from": "a", "layer": 2}],
-    })
+    recipe = tk.Recipe.from_dict(
+        {
+            "models": {"b": str(family.base), "a": str(family.candidates[0])},
+            "layers": [
+                {"from": "a", "layer": 2},
+                {"from": "b", "layers": [0, 2]},
+                {"from": "a", "layer": 2},
+            ],
+        }
+    )
     out = tk.build(recipe, tmp_path / "out", progress=False)
     built = load_file(out / "model.safetensors")
     cand = load_file(family.candidates[0] / "model.safetensors")
@@ -105,20 +128,50 @@ def test_each_merge_method_matches_its_formula(method, family, tmp_path):
     base, a, b = (load_file(p / "model.safetensors") for p in family.all)
     name = "model.layers.{}.mlp.up_proj.weight"
     entry = {
-        "linear": {"merge": "linear", "sources": [{"from": "a", "layer": 1, "weight": 2}, {"from": "b", "layer": 1}]},
-        "task_arithmetic": {"merge": "task_arithmetic", "base": {"from": "base", "layer": 1}, "lambda": 0.7,
-                            "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 1, "weight": 0.5}]},
-        "ties": {"merge": "ties", "base": {"from": "base", "layer": 1}, "density": 0.3, "lambda": 0.9,
-                 "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 1}]},
-        "slerp": {"merge": "slerp", "t": 0.3, "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 2}]},
-        "laco": {"merge": "laco", "sources": [{"from": "base", "layer": 1}, {"from": "base", "layer": 2},
-                                              {"from": "base", "layer": 3}]},
+        "linear": {
+            "merge": "linear",
+            "sources": [{"from": "a", "layer": 1, "weight": 2}, {"from": "b", "layer": 1}],
+        },
+        "task_arithmetic": {
+            "merge": "task_arithmetic",
+            "base": {"from": "base", "layer": 1},
+            "lambda": 0.7,
+            "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 1, "weight": 0.5}],
+        },
+        "ties": {
+            "merge": "ties",
+            "base": {"from": "base", "layer": 1},
+            "density": 0.3,
+            "lambda": 0.9,
+            "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 1}],
+        },
+        "slerp": {
+            "merge": "slerp",
+            "t": 0.3,
+            "sources": [{"from": "a", "layer": 1}, {"from": "b", "layer": 2}],
+        },
+        "laco": {
+            "merge": "laco",
+            "sources": [
+                {"from": "base", "layer": 1},
+                {"from": "base", "layer": 2},
+                {"from": "base", "layer": 3},
+            ],
+        },
     }[method]
-    recipe = tk.Recipe.from_dict({
-        "models": {"base": str(family.base), "a": str(family.candidates[0]), "b": str(family.candidates[1])},
-        "layers": [entry],
-    })
-    got = load_file(tk.build(recipe, tmp_path / "out", progress=False) / "model.safetensors")[name.format(0)]
+    recipe = tk.Recipe.from_dict(
+        {
+            "models": {
+                "base": str(family.base),
+                "a": str(family.candidates[0]),
+                "b": str(family.candidates[1]),
+            },
+            "layers": [entry],
+        }
+    )
+    got = load_file(tk.build(recipe, tmp_path / "out", progress=False) / "model.safetensors")[
+        name.format(0)
+    ]
 
     def t(m, i):
         return m[name.format(i)].double()
@@ -141,7 +194,9 @@ def test_each_merge_method_matches_its_formula(method, family, tmp_path):
             thr = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
             kept.append(torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau)))
         sign = torch.sign(sum(kept))
-        agree = [torch.where((torch.sign(k) == sign) & (k != 0), k, torch.zeros_like(k)) for k in kept]
+        agree = [
+            torch.where((torch.sign(k) == sign) & (k != 0), k, torch.zeros_like(k)) for k in kept
+        ]
         count = sum((x != 0).double() for x in agree)
         mean = torch.where(count > 0, sum(agree) / count.clamp(min=1), torch.zeros_like(count))
         want = t(base, 1) + 0.9 * mean
@@ -149,10 +204,17 @@ def test_each_merge_method_matches_its_formula(method, family, tmp_path):
 
 
 def test_merges_cover_norms_too(family, tmp_path):
-    recipe = tk.Recipe.from_dict({
-        "models": {"a": str(family.candidates[0]), "b": str(family.candidates[1])},
-        "layers": [{"merge": "linear", "sources": [{"from": "a", "layer": 0}, {"from": "b", "layer": 0}]}],
-    })
+    recipe = tk.Recipe.from_dict(
+        {
+            "models": {"a": str(family.candidates[0]), "b": str(family.candidates[1])},
+            "layers": [
+                {
+                    "merge": "linear",
+                    "sources": [{"from": "a", "layer": 0}, {"from": "b", "layer": 0}],
+                }
+            ],
+        }
+    )
     got = load_file(tk.build(recipe, tmp_path / "out", progress=False) / "model.safetensors")
     a, b = (load_file(p / "model.safetensors") for p in family.candidates)
     norm = "model.layers.0.post_attention_layernorm.weight"
@@ -161,17 +223,23 @@ def test_merges_cover_norms_too(family, tmp_path):
 
 
 def test_dtype_conversion_and_head_from_another_model(family, tmp_path):
-    recipe = tk.Recipe.from_dict({
-        "models": {"base": str(family.base), "a": str(family.candidates[0])},
-        "dtype": "bfloat16", "head": "a", "layers": [{"from": "base", "layers": [0, 2]}],
-    })
+    recipe = tk.Recipe.from_dict(
+        {
+            "models": {"base": str(family.base), "a": str(family.candidates[0])},
+            "dtype": "bfloat16",
+            "head": "a",
+            "layers": [{"from": "base", "layers": [0, 2]}],
+        }
+    )
     out = tk.build(recipe, tmp_path / "out", progress=False)
     built = load_file(out / "model.safetensors")
     a = load_file(family.candidates[0] / "model.safetensors")
     base = load_file(family.base / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in built.values())
     assert torch.equal(built["lm_head.weight"], a["lm_head.weight"].bfloat16())
-    assert torch.equal(built["model.embed_tokens.weight"], base["model.embed_tokens.weight"].bfloat16())
+    assert torch.equal(
+        built["model.embed_tokens.weight"], base["model.embed_tokens.weight"].bfloat16()
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
@@ -180,7 +248,9 @@ def test_dtype_conversion_and_head_from_another_model(family, tmp_path):
 
 def test_tied_embeddings_write_no_head(tiny_model_factory, tmp_path):
     base = tiny_model_factory("qwen2")
-    recipe = tk.Recipe.from_dict({"models": {"q": str(base)}, "layers": [{"from": "q", "layer": 1}]})
+    recipe = tk.Recipe.from_dict(
+        {"models": {"q": str(base)}, "layers": [{"from": "q", "layer": 1}]}
+    )
     out = tk.build(recipe, tmp_path / "out", progress=False)
     with safe_open(out / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()
@@ -189,9 +259,12 @@ def test_tied_embeddings_write_no_head(tiny_model_factory, tmp_path):
 
 
 def test_parameter_counts_and_removed_fractions(family):
-    plan = tk.Recipe.from_dict({
-        "models": {"b": str(family.base)}, "layers": [{"from": "b", "layers": [0, 3]}],
-    }).plan()
+    plan = tk.Recipe.from_dict(
+        {
+            "models": {"b": str(family.base)},
+            "layers": [{"from": "b", "layers": [0, 3]}],
+        }
+    ).plan()
     per_layer = sum(t.numel for t in plan.base.layer(0).values())
     assert plan.base_parameters - plan.num_parameters == per_layer
     assert plan.removed_layer_fraction == pytest.approx(0.25)
@@ -204,12 +277,21 @@ def test_nan_in_a_merge_names_layer_and_tensor_and_leaves_nothing(family, tmp_pa
     tensors = load_file(broken / "model.safetensors")
     tensors["model.layers.1.mlp.gate_proj.weight"][3, 3] = float("nan")
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    recipe = tk.Recipe.from_dict({
-        "models": {"b": str(family.base), "x": str(broken)},
-        "layers": [{"from": "b", "layer": 0},
-                   {"merge": "linear", "sources": [{"from": "b", "layer": 1}, {"from": "x", "layer": 1}]}],
-    })
-    with pytest.raises(MergeError, match=r"output layer 1 .*'model.layers.1.mlp.gate_proj.weight'.*non-finite"):
+    recipe = tk.Recipe.from_dict(
+        {
+            "models": {"b": str(family.base), "x": str(broken)},
+            "layers": [
+                {"from": "b", "layer": 0},
+                {
+                    "merge": "linear",
+                    "sources": [{"from": "b", "layer": 1}, {"from": "x", "layer": 1}],
+                },
+            ],
+        }
+    )
+    with pytest.raises(
+        MergeError, match=r"output layer 1 .*'model.layers.1.mlp.gate_proj.weight'.*non-finite"
+    ):
         tk.build(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no temporary directory left
@@ -228,14 +310,18 @@ def test_interrupted_build_leaves_nothing(family, tmp_path, monkeypatch):
         return real(self, *args)
 
     monkeypatch.setattr(writer.ShardWriter, "copy", flaky)
-    recipe = tk.Recipe.from_dict({"models": {"b": str(family.base)}, "layers": [{"from": "b", "layers": [0, 4]}]})
+    recipe = tk.Recipe.from_dict(
+        {"models": {"b": str(family.base)}, "layers": [{"from": "b", "layers": [0, 4]}]}
+    )
     with pytest.raises(KeyboardInterrupt):
         tk.build(recipe, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_overwrite_and_stale_temp_dirs_are_cleaned(family, tmp_path):
-    recipe = tk.Recipe.from_dict({"models": {"b": str(family.base)}, "layers": [{"from": "b", "layer": 0}]})
+    recipe = tk.Recipe.from_dict(
+        {"models": {"b": str(family.base)}, "layers": [{"from": "b", "layer": 0}]}
+    )
     stale = tmp_path / ".out.tailorkit-tmp-999999999-abc"  # a writer that died (no such pid)
     stale.mkdir()
     (tmp_path / "out").mkdir()
@@ -244,7 +330,10 @@ def test_existing_output_needs_overwrite_and_stale_temp_dirs_are_cleaned(family,
         tk.build(recipe, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").exists()
     tk.build(recipe, tmp_path / "out", overwrite=True, progress=False)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    assert (
+        not (tmp_path / "out" / "keep.txt").exists()
+        and (tmp_path / "out" / "model.safetensors").exists()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -260,8 +349,24 @@ def test_cli_build_and_validate(family, tmp_path, capsys):
     path = _write(tmp_path, _stitch(family.base, family.candidates[0]))
     assert cli(["validate", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["layers"] == 4 and report["output_layers"][1] == "linear(base[1] x0.3, ft[1] x0.7)"
-    assert cli(["build", str(path), str(tmp_path / "out"), "--shard-size", "300KB", "--dtype", "float16", "-q"]) == 0
+    assert (
+        report["layers"] == 4 and report["output_layers"][1] == "linear(base[1] x0.3, ft[1] x0.7)"
+    )
+    assert (
+        cli(
+            [
+                "build",
+                str(path),
+                str(tmp_path / "out"),
+                "--shard-size",
+                "300KB",
+                "--dtype",
+                "float16",
+                "-q",
+            ]
+        )
+        == 0
+    )
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -271,7 +376,10 @@ def test_cli_build_and_validate(family, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda r: r["layers"].append({"from": "ft", "layer": 4}), "layer 4 of model 'ft' does not exist: it has 4 layers"),
+        (
+            lambda r: r["layers"].append({"from": "ft", "layer": 4}),
+            "layer 4 of model 'ft' does not exist: it has 4 layers",
+        ),
         (lambda r: r["layers"].clear(), "layers: List should have at least 1 item"),
         (lambda r: r.update(colour="red"), "colour: unknown key"),
         (lambda r: r["models"].update(ft="/no/such/dir"), "model 'ft': .*no such directory"),
@@ -289,19 +397,38 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(family, tmp_path, capsys
 def test_models_must_share_architecture_and_shapes(family, tiny_model_factory, tmp_path):
     gpt2 = tiny_model_factory("gpt2")
     with pytest.raises(RecipeError, match="model 'g' has model_type gpt2"):
-        tk.Recipe.from_dict({"models": {"b": str(family.base), "g": str(gpt2)},
-                             "layers": [{"from": "b", "layer": 0}]}).plan()
+        tk.Recipe.from_dict(
+            {
+                "models": {"b": str(family.base), "g": str(gpt2)},
+                "layers": [{"from": "b", "layer": 0}],
+            }
+        ).plan()
     odd = tmp_path / "odd"
     shutil.copytree(family.candidates[0], odd)
     tensors = load_file(odd / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, odd / "model.safetensors")
-    with pytest.raises(RecipeError, match=r"output layer 0 .*'mlp.up_proj.weight' has shape \[3, 3\] in odd\[1\]"):
-        tk.Recipe.from_dict({"models": {"b": str(family.base), "odd": str(odd)}, "layers": [
-            {"merge": "linear", "sources": [{"from": "b", "layer": 1}, {"from": "odd", "layer": 1}]}]}).plan()
+    with pytest.raises(
+        RecipeError, match=r"output layer 0 .*'mlp.up_proj.weight' has shape \[3, 3\] in odd\[1\]"
+    ):
+        tk.Recipe.from_dict(
+            {
+                "models": {"b": str(family.base), "odd": str(odd)},
+                "layers": [
+                    {
+                        "merge": "linear",
+                        "sources": [{"from": "b", "layer": 1}, {"from": "odd", "layer": 1}],
+                    }
+                ],
+            }
+        ).plan()
     config = json.loads((odd / "config.json").read_text())
     config["vocab_size"] += 1
     (odd / "config.json").write_text(json.dumps(config))
     with pytest.raises(RecipeError, match="vocabulary size"):
-        tk.Recipe.from_dict({"models": {"b": str(family.base), "odd": str(odd)},
-                             "layers": [{"from": "b", "layer": 0}]}).plan()
+        tk.Recipe.from_dict(
+            {
+                "models": {"b": str(family.base), "odd": str(odd)},
+                "layers": [{"from": "b", "layer": 0}],
+            }
+        ).plan()

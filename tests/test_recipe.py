@@ -51,7 +51,13 @@ def test_recipe_md_example_parses_and_expands(tmp_path):
     layers = r.output_layers()
     assert len(layers) == 12 + 6
     assert [lay.method for lay in layers[11:]] == [
-        "passthrough", "passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco"
+        "passthrough",
+        "passthrough",
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "slerp",
+        "laco",
     ]
     assert layers[0].sources == (("base", 0),) and layers[11].sources == (("base", 11),)
     assert layers[12].sources == (("chat", 12),)
@@ -66,9 +72,15 @@ def test_recipe_md_example_parses_and_expands(tmp_path):
 
 def test_linear_weights_are_normalised(tmp_path):
     r = Recipe.from_dict(
-        {"models": {"a": "x/a", "b": "x/b"}, "layers": [
-            {"merge": "linear", "sources": [{"from": "a", "layer": 0, "weight": 3}, {"from": "b", "layer": 0}]}
-        ]}
+        {
+            "models": {"a": "x/a", "b": "x/b"},
+            "layers": [
+                {
+                    "merge": "linear",
+                    "sources": [{"from": "a", "layer": 0, "weight": 3}, {"from": "b", "layer": 0}],
+                }
+            ],
+        }
     )
     assert r.output_layers()[0].weights == pytest.approx((0.75, 0.25))
 
@@ -83,7 +95,9 @@ def test_yaml_and_json_round_trip(tmp_path):
 
 
 def test_defaults(tmp_path):
-    r = Recipe.from_dict({"models": {"first": "x/a", "second": "x/b"}, "layers": [{"from": "second", "layer": 3}]})
+    r = Recipe.from_dict(
+        {"models": {"first": "x/a", "second": "x/b"}, "layers": [{"from": "second", "layer": 3}]}
+    )
     assert r.base_model == "first" and r.head_model == "first" and r.embeddings_model == "first"
     assert r.dtype is None
 
@@ -101,7 +115,14 @@ def test_defaults(tmp_path):
         ({"dtype": "int8"}, "dtype"),
         ({"base": "nope"}, "base: model 'nope' is not in models"),
         (
-            {"layers": [{"merge": "linear", "sources": [{"from": "a", "layer": 0, "weight": float("nan")}]}]},
+            {
+                "layers": [
+                    {
+                        "merge": "linear",
+                        "sources": [{"from": "a", "layer": 0, "weight": float("nan")}],
+                    }
+                ]
+            },
             "weight must be a finite number",
         ),
         (
@@ -109,20 +130,54 @@ def test_defaults(tmp_path):
             "needs a 'base' layer",
         ),
         (
-            {"layers": [{"merge": "task_arithmetic", "base": {"from": "a", "layer": 0},
-                         "sources": [{"from": "a", "layer": 1}], "lambda": float("inf")}]},
+            {
+                "layers": [
+                    {
+                        "merge": "task_arithmetic",
+                        "base": {"from": "a", "layer": 0},
+                        "sources": [{"from": "a", "layer": 1}],
+                        "lambda": float("inf"),
+                    }
+                ]
+            },
             "lambda must be a finite number",
         ),
-        ({"layers": [{"merge": "slerp", "sources": [{"from": "a", "layer": 0}]}]}, "exactly 2 source"),
+        (
+            {"layers": [{"merge": "slerp", "sources": [{"from": "a", "layer": 0}]}]},
+            "exactly 2 source",
+        ),
         (
             {"layers": [{"merge": "linear", "t": 0.5, "sources": [{"from": "a", "layer": 0}]}]},
             "field 't' is not used by merge 'linear'",
         ),
-        ({"layers": [{"merge": "ties", "base": {"from": "a", "layer": 0}, "density": 0,
-                      "sources": [{"from": "a", "layer": 1}]}]}, "density"),
+        (
+            {
+                "layers": [
+                    {
+                        "merge": "ties",
+                        "base": {"from": "a", "layer": 0},
+                        "density": 0,
+                        "sources": [{"from": "a", "layer": 1}],
+                    }
+                ]
+            },
+            "density",
+        ),
         ({"layers": [{"merge": "mean", "sources": [{"from": "a", "layer": 0}]}]}, "merge"),
-        ({"layers": [{"merge": "linear", "sources": [{"from": "a", "layer": 0, "weight": 1},
-                                                     {"from": "a", "layer": 1, "weight": -1}]}]}, "sum to 0"),
+        (
+            {
+                "layers": [
+                    {
+                        "merge": "linear",
+                        "sources": [
+                            {"from": "a", "layer": 0, "weight": 1},
+                            {"from": "a", "layer": 1, "weight": -1},
+                        ],
+                    }
+                ]
+            },
+            "sum to 0",
+        ),
     ],
 )
 def test_bad_recipes_name_the_field(change, message):

@@ -41,14 +41,46 @@ def test_reads_what_safetensors_wrote(tmp_path):
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "outside the data area"),
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "needs 16 bytes"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 4]}}, b"\0" * 16, "outside the data area"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 16, "outside the data area"),
-        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, b"\0" * 16, "unknown dtype 'Q4'"),
-        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 16, "non-negative integers"),
-        ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 16, "needs"),
-        ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 16, "exactly dtype, shape and data_offsets"),
+        (
+            {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+            b"\0" * 8,
+            "outside the data area",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}},
+            b"\0" * 16,
+            "needs 16 bytes",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 4]}},
+            b"\0" * 16,
+            "outside the data area",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},
+            b"\0" * 16,
+            "outside the data area",
+        ),
+        (
+            {"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}},
+            b"\0" * 16,
+            "unknown dtype 'Q4'",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+            b"\0" * 16,
+            "non-negative integers",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}},
+            b"\0" * 16,
+            "needs",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2]}},
+            b"\0" * 16,
+            "exactly dtype, shape and data_offsets",
+        ),
         (
             {
                 "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -104,8 +136,13 @@ def test_truncated_shard_is_refused(tmp_path):
 
 
 def test_views_are_zero_copy_and_match(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "model_type": "llama"}))
-    tensors = {"model.layers.0.w": torch.randn(5, 3), "model.embed_tokens.weight": torch.randn(4, 3)}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 1, "model_type": "llama"})
+    )
+    tensors = {
+        "model.layers.0.w": torch.randn(5, 3),
+        "model.embed_tokens.weight": torch.randn(4, 3),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
     src = Source(str(tmp_path))
     a = src.view(src.tensors["model.layers.0.w"])
@@ -113,11 +150,15 @@ def test_views_are_zero_copy_and_match(tmp_path):
     assert torch.equal(a, tensors["model.layers.0.w"])
     assert a.data_ptr() == b.data_ptr()  # both views of the one mapping: no copy
     a.mul_(0)  # copy-on-write: the file is untouched
-    assert torch.equal(Source(str(tmp_path)).view(src.tensors["model.layers.0.w"]), tensors["model.layers.0.w"])
+    assert torch.equal(
+        Source(str(tmp_path)).view(src.tensors["model.layers.0.w"]), tensors["model.layers.0.w"]
+    )
 
 
 def test_shard_changed_after_validation_is_detected(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "model_type": "llama"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 1, "model_type": "llama"})
+    )
     save_file({"model.layers.0.w": torch.randn(8)}, tmp_path / "model.safetensors")
     src = Source(str(tmp_path))
     save_file({"model.layers.0.w": torch.randn(16)}, tmp_path / "model.safetensors")
@@ -126,14 +167,30 @@ def test_shard_changed_after_validation_is_detected(tmp_path):
 
 
 def test_sharded_index_errors(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "model_type": "llama"}))
-    save_file({"model.layers.0.w": torch.randn(8), "model.norm.weight": torch.randn(8)}, tmp_path / "s1.safetensors")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 1, "model_type": "llama"})
+    )
+    save_file(
+        {"model.layers.0.w": torch.randn(8), "model.norm.weight": torch.randn(8)},
+        tmp_path / "s1.safetensors",
+    )
     save_file({"lm_head.weight": torch.randn(8)}, tmp_path / "s2.safetensors")
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"model.layers.0.w": "s1.safetensors", "lm_head.weight": "s2.safetensors"}}))
+    index.write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.layers.0.w": "s1.safetensors",
+                    "lm_head.weight": "s2.safetensors",
+                }
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match="missing index entry for tensor 'model.norm.weight'"):
         Source(str(tmp_path))
-    index.write_text(json.dumps({"weight_map": {"model.layers.0.w": "s1.safetensors", "x": "s3.safetensors"}}))
+    index.write_text(
+        json.dumps({"weight_map": {"model.layers.0.w": "s1.safetensors", "x": "s3.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="s3.safetensors, which is missing"):
         Source(str(tmp_path))
     index.write_text(json.dumps({"weight_map": {"model.layers.0.w": "../s1.safetensors"}}))
@@ -150,11 +207,17 @@ def test_sharded_index_errors(tmp_path):
             }
         )
     )
-    assert set(Source(str(tmp_path)).tensors) == {"model.layers.0.w", "model.norm.weight", "lm_head.weight"}
+    assert set(Source(str(tmp_path)).tensors) == {
+        "model.layers.0.w",
+        "model.norm.weight",
+        "lm_head.weight",
+    }
 
 
 def test_pickle_checkpoint_is_refused_not_loaded(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "model_type": "llama"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 1, "model_type": "llama"})
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even read")
     with pytest.raises(CheckpointError, match="pickle"):
         Source(str(tmp_path))

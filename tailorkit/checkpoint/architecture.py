@@ -18,7 +18,9 @@ from tailorkit.errors import CheckpointError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
-_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER_NAME = re.compile(
+    r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 _EMBEDDING_MARKERS = ("embed", "wte", "wpe")
 
 
@@ -28,7 +30,9 @@ class Architecture:
 
     layer_prefix: str  # e.g. "model.layers"
     num_layers: int
-    layer_count_path: tuple[str, ...]  # where the count lives in config.json, e.g. ("num_hidden_layers",)
+    layer_count_path: tuple[
+        str, ...
+    ]  # where the count lives in config.json, e.g. ("num_hidden_layers",)
     per_layer_lists: tuple[tuple[str, ...], ...]  # config paths of lists indexed by layer
     tied_embeddings: bool
     hidden_size: int | None
@@ -47,7 +51,9 @@ def text_config(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]
     Multimodal configs (Gemma 3, Llava, ...) nest the language model under
     ``text_config``; plain causal LMs keep everything at the top level.
     """
-    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), dict):
+    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(
+        config.get("text_config"), dict
+    ):
         return config["text_config"], ("text_config",)
     return config, ()
 
@@ -92,7 +98,9 @@ def detect(config: dict[str, Any], tensor_names: list[str], where: str) -> Archi
         layer_count_path=(*base_path, count_key),
         per_layer_lists=per_layer,
         tied_embeddings=bool(tied),
-        hidden_size=next((decoder[k] for k in HIDDEN_SIZE_KEYS if isinstance(decoder.get(k), int)), None),
+        hidden_size=next(
+            (decoder[k] for k in HIDDEN_SIZE_KEYS if isinstance(decoder.get(k), int)), None
+        ),
         vocab_size=decoder.get("vocab_size", config.get("vocab_size")),
         layer_tensors={i: dict(t) for i, t in by_prefix[prefix].items()},
         embedding_tensors=embeddings,

@@ -45,7 +45,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors by tailorkit") from None
+        raise CheckpointError(
+            f"dtype {dtype} cannot be stored in safetensors by tailorkit"
+        ) from None
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -92,7 +94,9 @@ def read_header(path: str | os.PathLike) -> Header:
             stat = os.fstat(f.fileno())
             size = stat.st_size
             if size < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+                raise CheckpointError(
+                    f"{path}: file is {size} bytes, too short for a safetensors header"
+                )
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(
@@ -129,7 +133,9 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path, tensors, metadata, data_start, size, stat.st_mtime_ns)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+def _tensor_info(
+    path: Path, name: str, entry: object, data_start: int, data_len: int
+) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: entry must have exactly dtype, shape and data_offsets")
@@ -142,7 +148,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise CheckpointError(
+            f"{where}: shape must be a list of non-negative integers, got {shape!r}"
+        )
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)

@@ -49,16 +49,21 @@ def resolve(ref: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{ref}: is a file; a model is a directory holding config.json and safetensors")
+        raise CheckpointError(
+            f"{ref}: is a file; a model is a directory holding config.json and safetensors"
+        )
     if not _REPO_ID.match(ref) or ".." in ref:
         raise CheckpointError(
-            f"{ref!r}: no such directory, and not a Hub repo id of the form 'org/name' or 'org/name@revision'"
+            f"{ref!r}: no such directory, and not a Hub repo id of the form "
+            "'org/name' or 'org/name@revision'"
         )
     repo_id, _, revision = ref.partition("@")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+        return Path(
+            snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+        )
     except Exception as e:  # huggingface_hub raises many types; all mean "could not get it"
         raise CheckpointError(
             f"{ref}: could not download from the Hugging Face Hub ({type(e).__name__}: {e}); "
@@ -90,7 +95,7 @@ class Source:
 
     @cached_property
     def dtype(self) -> torch.dtype:
-        """The checkpoint's dtype: config.json's if it names one, else the most common float dtype."""
+        """The checkpoint's dtype: config.json's if it names one, else the commonest float dtype."""
         name = self.config.get("dtype") or self.config.get("torch_dtype")
         if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -122,7 +127,9 @@ class Source:
             data = bytearray(mm[info.start : info.end])
             return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
         count = info.numel
-        return torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.start).reshape(info.shape)
+        return torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.start).reshape(
+            info.shape
+        )
 
     def release(self, info: TensorInfo) -> None:
         """Drop the mapped pages of a tensor from this process's memory (the file is untouched)."""
@@ -139,7 +146,9 @@ class Source:
             try:
                 st = os.stat(header.path)
             except OSError as e:
-                raise CheckpointError(f"{header.path}: disappeared while in use ({e.strerror})") from e
+                raise CheckpointError(
+                    f"{header.path}: disappeared while in use ({e.strerror})"
+                ) from e
             if st.st_size != header.file_size or st.st_mtime_ns != header.mtime_ns:
                 raise CheckpointError(
                     f"{header.path}: changed on disk after it was validated "
@@ -187,14 +196,18 @@ def _read_headers(path: Path) -> list[Header]:
             "first, e.g. load with torch.load(..., weights_only=True) and save with "
             "safetensors.torch.save_file, or `tailorkit convert` where available."
         )
-    raise CheckpointError(f"{path}: no model.safetensors, {INDEX_FILE} or single *.safetensors file")
+    raise CheckpointError(
+        f"{path}: no model.safetensors, {INDEX_FILE} or single *.safetensors file"
+    )
 
 
 def _read_sharded(path: Path, index: Path) -> list[Header]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+        raise CheckpointError(
+            f"{index}: not a valid index (needs a 'weight_map' object): {e}"
+        ) from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object")
     headers = []
@@ -208,8 +221,12 @@ def _read_sharded(path: Path, index: Path) -> list[Header]:
     in_files = {name: h.path.name for h in headers for name in h.tensors}
     for name, file in weight_map.items():
         if in_files.get(name) != file:
-            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {file}, but that shard does not hold it")
+            raise CheckpointError(
+                f"{index}: tensor {name!r} is mapped to {file}, but that shard does not hold it"
+            )
     extra = sorted(set(in_files) - set(weight_map))
     if extra:
-        raise CheckpointError(f"{index}: missing index entry for tensor {extra[0]!r} (in {in_files[extra[0]]})")
+        raise CheckpointError(
+            f"{index}: missing index entry for tensor {extra[0]!r} (in {in_files[extra[0]]})"
+        )
     return headers

@@ -31,8 +31,18 @@ from tailorkit.errors import CheckpointError, TailorkitError
 
 TMP_MARK = ".tailorkit-tmp-"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -41,7 +51,9 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(text)
     if not m or (m[2] or "").upper() not in _UNITS:
-        raise TailorkitError(f"shard size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 1GiB")
+        raise TailorkitError(
+            f"shard size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 1GiB"
+        )
     size = int(float(m[1]) * _UNITS[(m[2] or "").upper()])
     if size <= 0:
         raise TailorkitError(f"shard size {text!r} must be positive")
@@ -60,7 +72,7 @@ class TensorSpec:
 
 
 def split_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
-    """Group tensors, in order, into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    """Group tensors, in order, into shards of at most ``max_bytes`` (a bigger tensor: its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -109,11 +121,13 @@ class ShardWriter:
             raise
 
     def write(self, name: str, data: torch.Tensor, at: int = 0) -> int:
-        """Write a tensor (or the next flat chunk of one) at byte ``at`` inside ``name``; returns bytes written."""
+        """Write a tensor, or its next flat chunk, at byte ``at`` of ``name``; returns its size."""
         start, end = self.offsets[name]
         buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         if start + at + len(buf) > end:
-            raise CheckpointError(f"{self.path.name}: data for {name!r} overruns its {end - start} bytes")
+            raise CheckpointError(
+                f"{self.path.name}: data for {name!r} overruns its {end - start} bytes"
+            )
         _pwrite_all(self.fd, buf, self.data_start + start + at, self.path)
         return len(buf)
 
@@ -121,7 +135,9 @@ class ShardWriter:
         """Copy ``name``'s bytes unchanged from another file, kernel to kernel."""
         start, end = self.offsets[name]
         with open(src_file, "rb") as src:
-            _copy_range(src.fileno(), src_offset, self.fd, self.data_start + start, end - start, self.path)
+            _copy_range(
+                src.fileno(), src_offset, self.fd, self.data_start + start, end - start, self.path
+            )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -152,7 +168,9 @@ def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
         offset += n
 
 
-def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path) -> None:
+def _copy_range(
+    src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path
+) -> None:
     while count:
         try:
             n = os.copy_file_range(src_fd, dst_fd, count, src_off, dst_off)
@@ -165,7 +183,9 @@ def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int
         src_off, dst_off, count = src_off + n, dst_off + n, count - n
 
 
-def _copy_range_read(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path) -> None:
+def _copy_range_read(
+    src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int, path: Path
+) -> None:
     while count:
         chunk = os.pread(src_fd, min(count, 64 << 20), src_off)
         if not chunk:
@@ -179,10 +199,14 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
     target = Path(target).absolute()
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise TailorkitError(f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)")
+        raise TailorkitError(
+            f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent)
+    )
     try:
         yield tmp
         if target.exists():
@@ -198,7 +222,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
 
 
 def clean_stale(target: Path) -> list[Path]:
-    """Remove temporary directories left for ``target`` by writers that died (kill -9, power loss)."""
+    """Remove temporary directories left for ``target`` by writers that died (kill -9, reboot)."""
     removed = []
     for p in target.parent.glob(f".{target.name}{TMP_MARK}*"):
         pid = p.name.removeprefix(f".{target.name}{TMP_MARK}").split("-", 1)[0]
