@@ -432,3 +432,30 @@ def test_models_must_share_architecture_and_shapes(family, tiny_model_factory, t
                 "layers": [{"from": "b", "layer": 0}],
             }
         ).plan()
+
+
+def test_cli_truncated_shard_names_the_file(family, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    shutil.copytree(family.candidates[0], cut)
+    shard = cut / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    path = _write(tmp_path, {"models": {"c": str(cut)}, "layers": [{"from": "c", "layer": 0}]})
+    assert cli(["build", str(path), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'c'" in err and str(shard) in err and "truncated" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    recipe = tk.Recipe.from_dict(
+        {"models": {"m": "some-org/some-model@main"}, "layers": [{"from": "m", "layer": 0}]}
+    )
+    with pytest.raises(
+        tk.CheckpointError, match="model 'm': some-org/some-model@main: could not download"
+    ):
+        recipe.plan()
+    bad = tk.Recipe.from_dict({"models": {"m": "evil/../../nowhere"}, "layers": [{"from": "m", "layer": 0}]})
+    with pytest.raises(tk.CheckpointError, match="not a Hub repo id"):
+        bad.plan()

@@ -218,7 +218,14 @@ def _read_sharded(path: Path, index: Path) -> list[Header]:
         if not shard.is_file():
             raise CheckpointError(f"{index}: lists shard {file}, which is missing")
         headers.append(read_header(shard))
-    in_files = {name: h.path.name for h in headers for name in h.tensors}
+    in_files: dict[str, str] = {}
+    for h in headers:
+        for name in h.tensors:
+            if name in in_files:
+                raise CheckpointError(
+                    f"{index}: tensor {name!r} is in both {in_files[name]} and {h.path.name}"
+                )
+            in_files[name] = h.path.name
     for name, file in weight_map.items():
         if in_files.get(name) != file:
             raise CheckpointError(
