@@ -34,7 +34,7 @@ LINK_FLAGS = ["-fopenmp"]
 # Commands that only gather metadata or sources: a build backend runs these first (before
 # the build requirements, torch among them, are installed), so saying "skipped" then is noise.
 _METADATA_COMMANDS = {"egg_info", "dist_info", "sdist"}
-_BUILDING = any(not a.startswith("-") and a not in _METADATA_COMMANDS for a in sys.argv[1:])
+_BUILDING = not _METADATA_COMMANDS.intersection(sys.argv[1:])
 
 
 def _note(message: str) -> None:

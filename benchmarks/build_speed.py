@@ -22,8 +22,9 @@ Every method runs in a child process, timed wall-clock from spawn to exit
 Peak RSS is the child's ``ru_maxrss`` from wait4; peak anonymous and file-backed
 RSS are polled from /proc as a hint (mmap'd pages a reader touches count in RSS).
 Each method gets one warm-up run, then ``--reps`` timed runs; the table shows
-the median. Before every run the previous output is deleted and ``sync`` is
-called (untimed), so no run pays for an earlier run's writeback.
+the median. Before every run the previous output is deleted, ``sync`` is
+called and the job's input spans are read once (all untimed), so no run pays
+for an earlier run's writeback and every run starts from a warm page cache.
 
 Afterwards the outputs of tailorkit and mergekit are compared tensor by tensor
 with each other and with a reference computed here: names, shapes, dtypes;
@@ -94,8 +95,10 @@ class ModelShape:
 
     @property
     def tag(self) -> str:
-        return (f"llama-l{self.layers}-h{self.hidden}-i{self.intermediate}-"
-                f"a{self.heads}-kv{self.kv_heads}-v{self.vocab}-s{self.seed}-g{GENERATOR_VERSION}")
+        return (
+            f"llama-l{self.layers}-h{self.hidden}-i{self.intermediate}-"
+            f"a{self.heads}-kv{self.kv_heads}-v{self.vocab}-s{self.seed}-g{GENERATOR_VERSION}"
+        )
 
     def config_json(self) -> dict:
         return {
@@ -129,7 +132,10 @@ class ModelShape:
         out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
         for i in range(self.layers):
             out += [(f"model.layers.{i}.{suffix}", shape(self)) for suffix, shape in LAYER_TENSORS]
-        out += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+        out += [
+            ("model.norm.weight", (self.hidden,)),
+            ("lm_head.weight", (self.vocab, self.hidden)),
+        ]
         return out
 
 
@@ -143,7 +149,12 @@ def job_layers(n_layers: int) -> dict:
     a_end, merge_end, drop_end = round(0.3 * n_layers), round(0.6 * n_layers), round(0.8 * n_layers)
     if not 0 < a_end < merge_end < drop_end < n_layers:
         raise SystemExit(f"--layers {n_layers} is too small for the job (needs at least 5)")
-    return {"a": (0, a_end), "merge": (a_end, merge_end), "drop": (merge_end, drop_end), "b": (drop_end, n_layers)}
+    return {
+        "a": (0, a_end),
+        "merge": (a_end, merge_end),
+        "drop": (merge_end, drop_end),
+        "b": (drop_end, n_layers),
+    }
 
 
 def output_plan(n_layers: int) -> list[list[tuple[str, int, float]]]:
@@ -155,7 +166,11 @@ def output_plan(n_layers: int) -> list[list[tuple[str, int, float]]]:
     return plan
 
 
-NON_LAYER_SOURCE = {"model.embed_tokens.weight": "a", "model.norm.weight": "b", "lm_head.weight": "b"}
+NON_LAYER_SOURCE = {
+    "model.embed_tokens.weight": "a",
+    "model.norm.weight": "b",
+    "lm_head.weight": "b",
+}
 
 
 # --------------------------------------------------------------------------- safetensors I/O
@@ -182,8 +197,13 @@ def checkpoint_index(model_dir: Path) -> dict[str, dict]:
         base, header = read_header(model_dir / fname)
         for name, e in header.items():
             s, t = e["data_offsets"]
-            out[name] = {"file": str(model_dir / fname), "dtype": e["dtype"], "shape": e["shape"],
-                         "start": base + s, "end": base + t}
+            out[name] = {
+                "file": str(model_dir / fname),
+                "dtype": e["dtype"],
+                "shape": e["shape"],
+                "start": base + s,
+                "end": base + t,
+            }
     return out
 
 
@@ -224,14 +244,19 @@ def generate_checkpoints(shape: ModelShape, root: Path) -> tuple[Path, Path]:
             del a, b
         for d, tensors in zip(dirs, (ta, tb)):
             save_file(tensors, str(d / names[k]), metadata={"format": "pt"})
-        print(f"  generated shard {k + 1}/{len(shards)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"  generated shard {k + 1}/{len(shards)} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         del ta, tb
     total = sum(2 * _numel(s) for _, s in shape.tensors())
     weight_map = {name: names[k] for k, shard in enumerate(shards) for name, _ in shard}
     for d in dirs:
         (d / "config.json").write_text(json.dumps(shape.config_json(), indent=2) + "\n")
         (d / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
     done.write_text("ok\n")
     return dirs
 
@@ -249,13 +274,24 @@ def _numel(shape) -> int:
 def job_tensors(shape: ModelShape, indexes: dict[str, dict]) -> list[dict]:
     """Every output tensor: {name, nbytes, sources: [(model, source name, weight)]}, in output order."""
     out = []
+
     def add(name, sources):
-        nbytes = indexes[sources[0][0]][sources[0][1]]["end"] - indexes[sources[0][0]][sources[0][1]]["start"]
+        nbytes = (
+            indexes[sources[0][0]][sources[0][1]]["end"]
+            - indexes[sources[0][0]][sources[0][1]]["start"]
+        )
         out.append({"name": name, "nbytes": nbytes, "sources": sources})
-    add("model.embed_tokens.weight", [(NON_LAYER_SOURCE["model.embed_tokens.weight"], "model.embed_tokens.weight", 1.0)])
+
+    add(
+        "model.embed_tokens.weight",
+        [(NON_LAYER_SOURCE["model.embed_tokens.weight"], "model.embed_tokens.weight", 1.0)],
+    )
     for i, sources in enumerate(output_plan(shape.layers)):
         for suffix, _ in LAYER_TENSORS:
-            add(f"model.layers.{i}.{suffix}", [(m, f"model.layers.{l}.{suffix}", w) for m, l, w in sources])
+            add(
+                f"model.layers.{i}.{suffix}",
+                [(m, f"model.layers.{j}.{suffix}", w) for m, j, w in sources],
+            )
     for name in ("model.norm.weight", "lm_head.weight"):
         add(name, [(NON_LAYER_SOURCE[name], name, 1.0)])
     return out
@@ -269,14 +305,27 @@ def bytes_moved(tensors: list[dict], indexes: dict[str, dict]) -> tuple[int, int
 
 def write_tailorkit_recipe(path: Path, shape: ModelShape, dir_a: Path, dir_b: Path) -> None:
     import yaml
+
     j = job_layers(shape.layers)
     layers: list[dict] = [{"from": "a", "layers": list(j["a"])}]
     for i in range(*j["merge"]):
-        layers.append({"merge": "linear", "sources": [{"from": "a", "layer": i, "weight": 0.5},
-                                                       {"from": "b", "layer": i, "weight": 0.5}]})
+        layers.append(
+            {
+                "merge": "linear",
+                "sources": [
+                    {"from": "a", "layer": i, "weight": 0.5},
+                    {"from": "b", "layer": i, "weight": 0.5},
+                ],
+            }
+        )
     layers.append({"from": "b", "layers": list(j["b"])})
-    recipe = {"models": {"a": str(dir_a), "b": str(dir_b)}, "dtype": "bfloat16", "layers": layers,
-              "embeddings": NON_LAYER_SOURCE["model.embed_tokens.weight"], "head": NON_LAYER_SOURCE["lm_head.weight"]}
+    recipe = {
+        "models": {"a": str(dir_a), "b": str(dir_b)},
+        "dtype": "bfloat16",
+        "layers": layers,
+        "embeddings": NON_LAYER_SOURCE["model.embed_tokens.weight"],
+        "head": NON_LAYER_SOURCE["lm_head.weight"],
+    }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
@@ -285,13 +334,22 @@ def write_mergekit_config(path: Path, shape: ModelShape, dir_a: Path, dir_b: Pat
     one-source linear slices with weight 1 (exact: (0 + 1*x) / 1). Embeddings come from the
     first slice's model (A), final norm and LM head from the last slice's model (B)."""
     import yaml
+
     j = job_layers(shape.layers)
+
     def src(d, rng, w):
         return {"model": str(d), "layer_range": list(rng), "parameters": {"weight": w}}
-    cfg = {"merge_method": "linear", "dtype": "bfloat16", "out_dtype": "bfloat16",
-           "slices": [{"sources": [src(dir_a, j["a"], 1.0)]},
-                      {"sources": [src(dir_a, j["merge"], 0.5), src(dir_b, j["merge"], 0.5)]},
-                      {"sources": [src(dir_b, j["b"], 1.0)]}]}
+
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "out_dtype": "bfloat16",
+        "slices": [
+            {"sources": [src(dir_a, j["a"], 1.0)]},
+            {"sources": [src(dir_a, j["merge"], 0.5), src(dir_b, j["merge"], 0.5)]},
+            {"sources": [src(dir_b, j["b"], 1.0)]},
+        ],
+    }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -303,8 +361,12 @@ def write_floor_plan(path: Path, tensors: list[dict], indexes: dict[str, dict]) 
         if shards[-1] and used + t["nbytes"] > SHARD_BYTES:
             shards.append([])
             used = 0
-        shards[-1].append([[indexes[m][n]["file"], indexes[m][n]["start"], indexes[m][n]["end"]]
-                           for m, n, _ in t["sources"]])
+        shards[-1].append(
+            [
+                [indexes[m][n]["file"], indexes[m][n]["start"], indexes[m][n]["end"]]
+                for m, n, _ in t["sources"]
+            ]
+        )
         used += t["nbytes"]
     path.write_text(json.dumps(shards))
 
@@ -324,7 +386,9 @@ def floor_worker(plan_path: str, out_dir: str, chunk: int = 8 << 20) -> None:
                 while pos < length:
                     n = min(chunk, length - pos)
                     for s, (fname, start, _) in enumerate(spans):
-                        f = files.get(fname) or files.setdefault(fname, open(fname, "rb", buffering=0))
+                        f = files.get(fname) or files.setdefault(
+                            fname, open(fname, "rb", buffering=0)
+                        )
                         got = os.preadv(f.fileno(), [views[s % 2][:n]], start + pos)
                         if got != n:
                             raise OSError(f"short read from {fname}")
@@ -337,7 +401,9 @@ def floor_worker(plan_path: str, out_dir: str, chunk: int = 8 << 20) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None, poll_s: float = 0.02) -> dict:
+def run_measured(
+    cmd: list[str], env: dict | None = None, cwd: Path | None = None, poll_s: float = 0.02
+) -> dict:
     """Run a child: wall seconds, CPU seconds, peak RSS and polled peak anon/file RSS (MB).
 
     Peak RSS is the child's own VmHWM from /proc (polled; it only grows), which is
@@ -368,7 +434,10 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = Non
                 pass
             stop.wait(poll_s)
 
-    threads = [threading.Thread(target=drain, daemon=True), threading.Thread(target=poll, daemon=True)]
+    threads = [
+        threading.Thread(target=drain, daemon=True),
+        threading.Thread(target=poll, daemon=True),
+    ]
     for t in threads:
         t.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -377,19 +446,51 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = Non
     for t in threads:
         t.join(timeout=5)
     text = b"".join(out_chunks).decode(errors="replace")
-    return {"seconds": seconds, "rc": os.waitstatus_to_exitcode(status),
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": max(peaks["VmHWM"], peaks["RssAnon"] + peaks["RssFile"]) / 1024,
-            "peak_anon_mb": peaks["RssAnon"] / 1024, "peak_file_mb": peaks["RssFile"] / 1024,
-            "ru_maxrss_mb": usage.ru_maxrss / 1024, "load_before": load_before,
-            "output_tail": text[-3000:]}
+    return {
+        "seconds": seconds,
+        "rc": os.waitstatus_to_exitcode(status),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": max(peaks["VmHWM"], peaks["RssAnon"] + peaks["RssFile"]) / 1024,
+        "peak_anon_mb": peaks["RssAnon"] / 1024,
+        "peak_file_mb": peaks["RssFile"] / 1024,
+        "ru_maxrss_mb": usage.ru_maxrss / 1024,
+        "load_before": load_before,
+        "output_tail": text[-3000:],
+    }
+
+
+def prewarm(spans: list[tuple[str, int, int]], chunk: int = 8 << 20) -> float:
+    """Read the job's input spans once (into one scratch buffer) and return the seconds taken.
+
+    On this kind of shared VM the page cache was seen to drop source pages between
+    runs even with most memory free, so each run is preceded by this untimed read;
+    a long prewarm means pages had been evicted.
+    """
+    buf = memoryview(bytearray(chunk))
+    t0 = time.perf_counter()
+    fds: dict[str, int] = {}
+    try:
+        for fname, start, end in spans:
+            fd = fds.get(fname)
+            if fd is None:
+                fd = fds[fname] = os.open(fname, os.O_RDONLY)
+            pos = start
+            while pos < end:
+                pos += os.preadv(fd, [buf[: min(chunk, end - pos)]], pos) or end
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return time.perf_counter() - t0
 
 
 def ensure_mergekit_venv(venv: Path) -> Path:
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
-    print(f"creating {venv} (torch=={TORCH_VERSION} CPU first, then mergekit=={MERGEKIT_VERSION})", flush=True)
+    print(
+        f"creating {venv} (torch=={TORCH_VERSION} CPU first, then mergekit=={MERGEKIT_VERSION})",
+        flush=True,
+    )
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run(pip + [f"torch=={TORCH_VERSION}"], check=True)
@@ -407,15 +508,20 @@ class Method:
     runs: list = dataclasses.field(default_factory=list)
     failure: dict | None = None
 
-    def run_once(self, label: str) -> None:
+    def run_once(self, label: str, warm_spans: list) -> None:
         if self.failure:
             return
         shutil.rmtree(self.out_dir, ignore_errors=True)
         os.sync()  # untimed: no run pays for an earlier run's writeback
+        warm_s = prewarm(warm_spans)  # untimed: every run starts with the inputs in the page cache
         res = run_measured(self.cmd, env=self.env, cwd=self.cwd)
-        print(f"  {self.name:9s} {label:7s} {res['seconds']:7.2f} s  cpu {res['cpu_seconds']:6.2f} s  "
-              f"peak RSS {res['peak_rss_mb']:5.0f} MB (anon {res['peak_anon_mb']:.0f}, file {res['peak_file_mb']:.0f})"
-              f"  load {res['load_before']:.1f}  rc={res['rc']}", flush=True)
+        res["prewarm_seconds"] = warm_s
+        print(
+            f"  {self.name:9s} {label:7s} {res['seconds']:7.2f} s  cpu {res['cpu_seconds']:6.2f} s  "
+            f"peak RSS {res['peak_rss_mb']:5.0f} MB (anon {res['peak_anon_mb']:.0f}, file {res['peak_file_mb']:.0f})"
+            f"  load {res['load_before']:.1f}  prewarm {warm_s:.1f} s  rc={res['rc']}",
+            flush=True,
+        )
         if res["rc"] != 0:
             print(res["output_tail"])
             self.failure = {"rc": res["rc"], "output_tail": res["output_tail"], "label": label}
@@ -426,15 +532,24 @@ class Method:
         base = {"method": self.name, "command": self.cmd}
         if self.failure or not self.runs:
             return {**base, "failed": True, **(self.failure or {})}
-        med = lambda k: statistics.median(r[k] for r in self.runs)
-        return {**base, "failed": False, "seconds": med("seconds"), "cpu_seconds": med("cpu_seconds"),
-                "all_seconds": [round(r["seconds"], 3) for r in self.runs],
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in self.runs),
-                "peak_anon_mb": max(r["peak_anon_mb"] for r in self.runs),
-                "peak_file_mb": max(r["peak_file_mb"] for r in self.runs),
-                "ru_maxrss_mb": max(r["ru_maxrss_mb"] for r in self.runs),
-                "load_before": [round(r["load_before"], 2) for r in self.runs],
-                "output_tail": self.runs[-1]["output_tail"][-1500:]}
+
+        def med(key: str) -> float:
+            return statistics.median(r[key] for r in self.runs)
+
+        return {
+            **base,
+            "failed": False,
+            "seconds": med("seconds"),
+            "cpu_seconds": med("cpu_seconds"),
+            "all_seconds": [round(r["seconds"], 3) for r in self.runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in self.runs),
+            "peak_anon_mb": max(r["peak_anon_mb"] for r in self.runs),
+            "peak_file_mb": max(r["peak_file_mb"] for r in self.runs),
+            "ru_maxrss_mb": max(r["ru_maxrss_mb"] for r in self.runs),
+            "load_before": [round(r["load_before"], 2) for r in self.runs],
+            "prewarm_seconds": [round(r["prewarm_seconds"], 2) for r in self.runs],
+            "output_tail": self.runs[-1]["output_tail"][-1500:],
+        }
 
 
 # --------------------------------------------------------------------------- agreement
@@ -443,11 +558,14 @@ class Method:
 def _ordered_bits(t):
     """bf16 -> int32 that orders like the float values (for ulp distances)."""
     import torch
+
     i = t.view(torch.int16).to(torch.int32)
     return torch.where(i < 0, -(i & 0x7FFF), i)
 
 
-def compare_outputs(dirs: dict[str, Path], tensors: list[dict], indexes: dict[str, dict], n_out_layers: int) -> dict:
+def compare_outputs(
+    dirs: dict[str, Path], tensors: list[dict], indexes: dict[str, dict], n_out_layers: int
+) -> dict:
     """Each output vs the reference computed here, and the outputs with each other."""
     import torch
     from safetensors import safe_open
@@ -464,9 +582,18 @@ def compare_outputs(dirs: dict[str, Path], tensors: list[dict], indexes: dict[st
     for k, (idx, _) in outs.items():
         missing = sorted(set(expected_names) - set(idx))
         extra = sorted(set(idx) - set(expected_names))
-        report[k] = {"missing": missing[:10], "n_missing": len(missing), "extra": extra[:10], "n_extra": len(extra),
-                     "bad_meta": [], "passthrough_not_exact": [], "merged_over_tol": [],
-                     "merged_max_ulp": 0, "merged_max_abs": 0.0, "merged_elems_differing": 0}
+        report[k] = {
+            "missing": missing[:10],
+            "n_missing": len(missing),
+            "extra": extra[:10],
+            "n_extra": len(extra),
+            "bad_meta": [],
+            "passthrough_not_exact": [],
+            "merged_over_tol": [],
+            "merged_max_ulp": 0,
+            "merged_max_abs": 0.0,
+            "merged_elems_differing": 0,
+        }
     pair = {"tensors_not_identical": [], "max_ulp": 0, "max_abs": 0.0} if len(outs) == 2 else None
 
     def get(handle_pair, name):
@@ -492,7 +619,9 @@ def compare_outputs(dirs: dict[str, Path], tensors: list[dict], indexes: dict[st
             got = get(pair_h, name)
             got_all[k] = got
             if got.dtype != ref.dtype or tuple(got.shape) != tuple(ref.shape):
-                r["bad_meta"].append(f"{name}: {got.dtype} {tuple(got.shape)} vs {ref.dtype} {tuple(ref.shape)}")
+                r["bad_meta"].append(
+                    f"{name}: {got.dtype} {tuple(got.shape)} vs {ref.dtype} {tuple(ref.shape)}"
+                )
                 continue
             if len(ref_parts) == 1:
                 if not torch.equal(got.view(torch.int16), ref.view(torch.int16)):
@@ -501,7 +630,9 @@ def compare_outputs(dirs: dict[str, Path], tensors: list[dict], indexes: dict[st
                 ulp = (_ordered_bits(got) - _ordered_bits(ref)).abs()
                 mx = int(ulp.max())
                 r["merged_max_ulp"] = max(r["merged_max_ulp"], mx)
-                r["merged_max_abs"] = max(r["merged_max_abs"], float((got.float() - ref.float()).abs().max()))
+                r["merged_max_abs"] = max(
+                    r["merged_max_abs"], float((got.float() - ref.float()).abs().max())
+                )
                 r["merged_elems_differing"] += int((ulp > 0).sum())
                 if mx > BF16_ULP_TOLERANCE:
                     r["merged_over_tol"].append(f"{name}: {mx} ulp")
@@ -517,14 +648,19 @@ def compare_outputs(dirs: dict[str, Path], tensors: list[dict], indexes: dict[st
         cfg = json.loads((d / "config.json").read_text())
         report[k]["num_hidden_layers"] = cfg.get("num_hidden_layers")
     for k, r in report.items():
-        r["ok"] = (not r["n_missing"] and not r["n_extra"] and not r["bad_meta"] and not r["passthrough_not_exact"]
-                   and not r["merged_over_tol"] and r["num_hidden_layers"] == n_out_layers)
+        r["ok"] = (
+            not r["n_missing"]
+            and not r["n_extra"]
+            and not r["bad_meta"]
+            and not r["passthrough_not_exact"]
+            and not r["merged_over_tol"]
+            and r["num_hidden_layers"] == n_out_layers
+        )
     if pair is not None:
         pair["tensors_not_identical_count"] = len(pair["tensors_not_identical"])
         pair["tensors_not_identical"] = pair["tensors_not_identical"][:10]
         report["tailorkit_vs_mergekit"] = pair
     return report
-
 
 
 # --------------------------------------------------------------------------- main
@@ -544,20 +680,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=None, help="default: 8/3*hidden rounded up to 256")
+    p.add_argument(
+        "--intermediate", type=int, default=None, help="default: 8/3*hidden rounded up to 256"
+    )
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--reps", type=int, default=3,
-                   help="timed runs per method after one warm-up each, interleaved (median shown)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="timed runs per method after one warm-up each, interleaved (median shown)",
+    )
     p.add_argument("--skip-mergekit", action="store_true")
-    p.add_argument("--skip-tailorkit", action="store_true", help="time only the floor (and mergekit)")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tailorkit" / "bench",
-                   help="checkpoints, outputs and the mergekit venv live here (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "build_speed.json")
-    p.add_argument("--tailorkit-path", type=Path, default=REPO_ROOT,
-                   help="source tree put first on PYTHONPATH for `python -m tailorkit.cli` "
-                        "(e.g. a copy with the C++ extension built in place; default: this repo)")
-    p.add_argument("--generate-only", action="store_true", help="write (or find) the checkpoints and stop")
+    p.add_argument(
+        "--skip-tailorkit", action="store_true", help="time only the floor (and mergekit)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "tailorkit" / "bench",
+        help="checkpoints, outputs and the mergekit venv live here (default: %(default)s)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "build_speed.json"
+    )
+    p.add_argument(
+        "--tailorkit-path",
+        type=Path,
+        default=REPO_ROOT,
+        help="source tree put first on PYTHONPATH for `python -m tailorkit.cli` "
+        "(e.g. a copy with the C++ extension built in place; default: this repo)",
+    )
+    p.add_argument(
+        "--generate-only", action="store_true", help="write (or find) the checkpoints and stop"
+    )
     p.add_argument("--floor-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -566,9 +722,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.reps < 1:
         p.error("--reps must be at least 1")
-    shape = ModelShape(layers=args.layers, hidden=args.hidden,
-                       intermediate=args.intermediate or default_intermediate(args.hidden),
-                       heads=args.heads, kv_heads=args.heads, vocab=args.vocab)
+    shape = ModelShape(
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate or default_intermediate(args.hidden),
+        heads=args.heads,
+        kv_heads=args.heads,
+        vocab=args.vocab,
+    )
     job_layers(shape.layers)  # validates --layers
     cache = args.cache_dir.expanduser()
     if args.generate_only:
@@ -579,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     # Generate in a child, so this process stays small (its memory would otherwise
     # leak into the children's ru_maxrss) and does not import torch until the check.
     own_args = [a for a in (argv if argv is not None else sys.argv[1:])]
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), *own_args, "--generate-only"], check=True)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *own_args, "--generate-only"], check=True
+    )
     dir_a, dir_b = (cache / "models" / shape.tag / "a", cache / "models" / shape.tag / "b")
     indexes = {"a": checkpoint_index(dir_a), "b": checkpoint_index(dir_b)}
     tensors = job_tensors(shape, indexes)
@@ -587,45 +750,112 @@ def main(argv: list[str] | None = None) -> int:
     read_b, write_b = bytes_moved(tensors, indexes)
     moved = read_b + write_b
     src_bytes = sum(e["end"] - e["start"] for idx in indexes.values() for e in idx.values())
-    print(f"  sources {src_bytes / 1e9:.2f} GB; job reads {read_b / 1e9:.2f} GB, writes {write_b / 1e9:.2f} GB "
-          f"({n_out_layers} of {shape.layers} layers out): {moved / 1e9:.2f} GB moved", flush=True)
+    print(
+        f"  sources {src_bytes / 1e9:.2f} GB; job reads {read_b / 1e9:.2f} GB, writes {write_b / 1e9:.2f} GB "
+        f"({n_out_layers} of {shape.layers} layers out): {moved / 1e9:.2f} GB moved",
+        flush=True,
+    )
 
     work = cache / "work" / shape.tag
     work.mkdir(parents=True, exist_ok=True)
-    recipe, mk_cfg, floor_plan = work / "recipe.yaml", work / "mergekit.yml", work / "floor_plan.json"
+    recipe, mk_cfg, floor_plan = (
+        work / "recipe.yaml",
+        work / "mergekit.yml",
+        work / "floor_plan.json",
+    )
     write_tailorkit_recipe(recipe, shape, dir_a, dir_b)
     write_mergekit_config(mk_cfg, shape, dir_a, dir_b)
     write_floor_plan(floor_plan, tensors, indexes)
 
-    methods = [Method("floor", [sys.executable, str(Path(__file__).resolve()), "--floor-worker",
-                                str(floor_plan), str(work / "out-floor")], work / "out-floor", cwd=work)]
+    methods = [
+        Method(
+            "floor",
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--floor-worker",
+                str(floor_plan),
+                str(work / "out-floor"),
+            ],
+            work / "out-floor",
+            cwd=work,
+        )
+    ]
     tk_backend = None
     if not args.skip_tailorkit:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.tailorkit_path), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(args.tailorkit_path), env.get("PYTHONPATH")])
+        )
         out = work / "out-tailorkit"
         tk_backend = tailorkit_backend(env, work)
         print(f"  tailorkit from {args.tailorkit_path}: merge kernels = {tk_backend}", flush=True)
-        methods.append(Method("tailorkit", [sys.executable, "-m", "tailorkit.cli", "build", str(recipe), str(out),
-                                            "--shard-size", "1GB"], out, env, cwd=work))
+        methods.append(
+            Method(
+                "tailorkit",
+                [
+                    sys.executable,
+                    "-m",
+                    "tailorkit.cli",
+                    "build",
+                    str(recipe),
+                    str(out),
+                    "--shard-size",
+                    "1GB",
+                ],
+                out,
+                env,
+                cwd=work,
+            )
+        )
     if not args.skip_mergekit:
         exe = ensure_mergekit_venv(cache / "mergekit-venv")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+        env = dict(
+            os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1"
+        )
         out = work / "out-mergekit"
         # A fair CPU configuration: it reads safetensors lazily (one tensor at a time, mmap) by
         # default; --lazy-unpickle only matters for pickles but costs nothing. Its
         # --out-shard-size counts bytes despite the help text ("parameters"), so 1e9 = 1 GB
         # shards like the others. All cores for torch; no tokenizer or card to write.
-        methods.append(Method("mergekit", [str(exe), str(mk_cfg), str(out), "--out-shard-size", str(SHARD_BYTES),
-                                           "--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle",
-                                           "--quiet", "-j", str(os.cpu_count() or 1)], out, env, cwd=work))
+        methods.append(
+            Method(
+                "mergekit",
+                [
+                    str(exe),
+                    str(mk_cfg),
+                    str(out),
+                    "--out-shard-size",
+                    str(SHARD_BYTES),
+                    "--no-copy-tokenizer",
+                    "--no-write-model-card",
+                    "--lazy-unpickle",
+                    "--quiet",
+                    "-j",
+                    str(os.cpu_count() or 1),
+                ],
+                out,
+                env,
+                cwd=work,
+            )
+        )
 
-    print(f"timing: one warm-up each, then {args.reps} interleaved rep(s); median reported", flush=True)
+    print(
+        f"timing: one warm-up each, then {args.reps} interleaved rep(s); median reported",
+        flush=True,
+    )
+    spans = sorted(
+        {
+            (indexes[m][n]["file"], indexes[m][n]["start"], indexes[m][n]["end"])
+            for t in tensors
+            for m, n, _ in t["sources"]
+        }
+    )
     for m in methods:
-        m.run_once("warm-up")
+        m.run_once("warm-up", spans)
     for r in range(args.reps):
         for m in methods:
-            m.run_once(f"rep {r + 1}")
+            m.run_once(f"rep {r + 1}", spans)
     results = [m.summary() for m in methods]
     by = {r["method"]: r for r in results}
     floor_s = None if by["floor"]["failed"] else by["floor"]["seconds"]
@@ -638,10 +868,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
 
     agreement = None
-    compare = {k: work / f"out-{k}" for k in ("tailorkit", "mergekit") if k in by and not by[k]["failed"]}
+    compare = {
+        k: work / f"out-{k}" for k in ("tailorkit", "mergekit") if k in by and not by[k]["failed"]
+    }
     if compare:
-        print(f"\nagreement (names, shapes, dtypes; passthrough bit-exact; linear within "
-              f"{BF16_ULP_TOLERANCE} bf16 ulp of the fp32 reference):", flush=True)
+        print(
+            f"\nagreement (names, shapes, dtypes; passthrough bit-exact; linear within "
+            f"{BF16_ULP_TOLERANCE} bf16 ulp of the fp32 reference):",
+            flush=True,
+        )
         agreement = compare_outputs(compare, tensors, indexes, n_out_layers)
         for k, r in agreement.items():
             print(f"  {k}: {json.dumps(r)}")
@@ -657,21 +892,33 @@ def main(argv: list[str] | None = None) -> int:
         if mk and not mk["failed"]:
             goals["speedup_vs_mergekit"] = round(mk["seconds"] / tk["seconds"], 2)
             goals[f"{GOAL_X_FASTER_THAN_MERGEKIT:g}x_faster_than_mergekit"] = (
-                goals["speedup_vs_mergekit"] >= GOAL_X_FASTER_THAN_MERGEKIT)
+                goals["speedup_vs_mergekit"] >= GOAL_X_FASTER_THAN_MERGEKIT
+            )
         if agreement:
             goals["output_correct"] = bool(agreement["tailorkit"]["ok"])
         print("\ngoals:", json.dumps(goals))
 
     record = {
-        "benchmark": "build_speed", "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                    "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "python": platform.python_version()},
-        "command": " ".join(["python", "benchmarks/build_speed.py"] + (argv if argv is not None else sys.argv[1:])),
-        "shape": dataclasses.asdict(shape), "job": job_layers(shape.layers),
-        "bytes": {"read": read_b, "written": write_b, "moved": moved}, "reps": args.reps,
-        "tailorkit_path": str(args.tailorkit_path), "tailorkit_merge_backend": tk_backend,
-        "results": results, "agreement": agreement, "goals": goals,
+        "benchmark": "build_speed",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
+        },
+        "command": " ".join(
+            ["python", "benchmarks/build_speed.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
+        "shape": dataclasses.asdict(shape),
+        "job": job_layers(shape.layers),
+        "bytes": {"read": read_b, "written": write_b, "moved": moved},
+        "reps": args.reps,
+        "tailorkit_path": str(args.tailorkit_path),
+        "tailorkit_merge_backend": tk_backend,
+        "results": results,
+        "agreement": agreement,
+        "goals": goals,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -682,22 +929,28 @@ def main(argv: list[str] | None = None) -> int:
 def tailorkit_backend(env: dict, cwd: Path) -> str:
     """Which merge implementation the CLI will use (C++ extension or PyTorch reference), in words."""
     probe = "import tailorkit.ops as o; print(o.backend(), '--', o.backend_reason())"
-    res = subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True, text=True
+    )
     lines = (res.stdout or res.stderr).strip().splitlines()
     return lines[-1] if lines else f"unknown (probe exited {res.returncode})"
 
 
 def table(results: list[dict]) -> str:
     """Markdown table: the same text goes to the terminal and to RESULTS.md."""
-    rows = ["| method | seconds (median) | GB/s moved | × floor | peak RSS MB (anon / file) | CPU s |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| method | seconds (median) | GB/s moved | × floor | peak RSS MB (anon / file) | CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r["failed"]:
             rows.append(f"| {r['method']} | FAILED (rc {r.get('rc')}) | | | | |")
             continue
-        rows.append(f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['x_floor']:.2f} | "
-                    f"{r['peak_rss_mb']:.0f} ({r['peak_anon_mb']:.0f} / {r['peak_file_mb']:.0f}) | "
-                    f"{r['cpu_seconds']:.1f} |")
+        rows.append(
+            f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['x_floor']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} ({r['peak_anon_mb']:.0f} / {r['peak_file_mb']:.0f}) | "
+            f"{r['cpu_seconds']:.1f} |"
+        )
     return "\n".join(rows)
 
 

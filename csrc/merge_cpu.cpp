@@ -309,7 +309,8 @@ std::vector<Operand> resolve_sources(
 }
 
 // out = sum_i weights[i] * float(sources[i]), accumulated in float32 in
-// source order, then cast once to out's dtype.
+// source order, then cast once to out's dtype. Each block is read from every
+// source before it is written, so out may be one of the sources.
 void weighted_sum_out_cpu(
     at::TensorList sources,
     at::ArrayRef<double> weights,
@@ -394,10 +395,11 @@ std::string parallel_info() {
 }  // namespace tailorkit
 
 // CPU implementations of the ops whose schemas tailorkit/ops.py declares.
-// Registration runs when Python imports tailorkit._C: if the schemas and these
-// C++ signatures ever disagree (an extension built from older sources), torch
-// raises a Python error when ops.py declares them, which ops.py reports before
-// falling back to the reference path.
+// ops.py imports tailorkit._C (running this registration) *before* it declares
+// the schemas, so if they ever disagree with these C++ signatures (an extension
+// built from older sources), torch raises a Python error at the declaration,
+// which ops.py reports before falling back to the reference path. (The other
+// order would fail inside the library's static initialisers and abort.)
 // CUDA implementations (a later change) register with
 // TORCH_LIBRARY_IMPL(tailorkit, CUDA, m) in their own .cu file.
 TORCH_LIBRARY_IMPL(tailorkit, CPU, m) {

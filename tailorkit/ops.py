@@ -72,8 +72,8 @@ def _import_extension():
     except ModuleNotFoundError as exc:
         if exc.name == "tailorkit._C":
             reason = (
-                f"tailorkit._C not built: {exc}; reinstall tailorkit with torch and a C++ "
-                "compiler present (pip install .) to build it"
+                f"tailorkit._C not built: {exc}; it is compiled at install time when torch "
+                "and a C++ compiler are present: `pip install -v .` shows why it was skipped"
             )
             return None, reason, False
         return None, f"tailorkit._C failed to load: {type(exc).__name__}: {exc}", True
@@ -178,11 +178,12 @@ def _check_sources(sources: Sequence[torch.Tensor], scalars: Sequence[float], na
         raise ValueError(
             f"got {len(sources)} source tensors but {len(scalars)} {name}: give one per source"
         )
-    shape = sources[0].shape
     for i, s in enumerate(sources):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"source {i} is a {type(s).__name__}, not a torch.Tensor")
         _check_dtype(s.dtype, f"source {i}")
+    shape = sources[0].shape
+    for i, s in enumerate(sources):
         if s.shape != shape:
             raise ValueError(
                 f"source {i} has shape {tuple(s.shape)} but source 0 has shape {tuple(shape)}: "
@@ -234,7 +235,9 @@ def weighted_sum(
         out_dtype: float32, bfloat16 or float16.
         out: optional preallocated contiguous tensor of the sources' shape,
             dtype ``out_dtype`` and device, written in place -- lets a caller
-            merge straight into an output buffer with no extra copy.
+            merge straight into an output buffer with no extra copy. It may
+            be one of the sources (an in-place update), but must not overlap
+            one partially.
 
     Returns:
         ``out`` if given, else a new tensor.

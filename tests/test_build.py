@@ -456,6 +456,8 @@ def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
         tk.CheckpointError, match="model 'm': some-org/some-model@main: could not download"
     ):
         recipe.plan()
-    bad = tk.Recipe.from_dict({"models": {"m": "evil/../../nowhere"}, "layers": [{"from": "m", "layer": 0}]})
+    bad = tk.Recipe.from_dict(
+        {"models": {"m": "evil/../../nowhere"}, "layers": [{"from": "m", "layer": 0}]}
+    )
     with pytest.raises(tk.CheckpointError, match="not a Hub repo id"):
         bad.plan()

@@ -137,6 +137,17 @@ def test_weighted_sum_writes_out_in_place(path, out_dtype, gen):
     assert torch.equal(out, ops._weighted_sum_reference(sources, weights, out_dtype))
 
 
+@pytest.mark.parametrize("path", ["public", "reference"])
+def test_weighted_sum_in_place_over_a_source(path, gen):
+    """out may be one of the sources: acc = 0.9 * acc + 0.1 * update, in place."""
+    acc = make((3, 4097), torch.bfloat16, gen)
+    update = make((3, 4097), torch.float32, gen)
+    want = ops._weighted_sum_reference([acc, update], [0.9, 0.1], torch.bfloat16)
+    fn = ops.weighted_sum if path == "public" else ops._weighted_sum_reference
+    fn([acc, update], [0.9, 0.1], torch.bfloat16, out=acc)
+    assert torch.equal(acc, want)
+
+
 def test_weighted_sum_out_into_a_buffer_slice(gen):
     """`out` may be a contiguous view into a larger buffer (e.g. an output shard)."""
     buffer = torch.zeros(3, 1000, dtype=torch.bfloat16)
