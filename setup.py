@@ -18,7 +18,8 @@ import sys
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/merge_cpu.cpp"]
+CPU_SOURCES = ["csrc/merge_cpu.cpp", "csrc/cka_cpu.cpp"]
+CUDA_SOURCES = ["csrc/merge_cuda.cu", "csrc/cka_cuda.cu"]
 CXX_FLAGS = [
     "-O3",
     "-g0",  # no debug info: a 10x smaller .so and a faster build
@@ -29,6 +30,21 @@ CXX_FLAGS = [
     "-fopenmp",
 ]
 LINK_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = [
+    "-O3",
+    # No FMA contraction (the kernels also spell out __fmul_rn/__fadd_rn): results
+    # match the CPU kernels and the PyTorch references bit for bit.
+    "--fmad=false",
+]
+# GPU targets when TORCH_CUDA_ARCH_LIST is not set (when it is, torch's build helper
+# uses it instead, e.g. TORCH_CUDA_ARCH_LIST="9.0" for a quicker Hopper-only build):
+# machine code for Ampere (sm_80) and Hopper (sm_90), and sm_90 PTX that the
+# driver compiles for newer GPUs.
+DEFAULT_CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
 
 
 # Commands that only gather metadata or sources: a build backend runs these first (before
@@ -52,11 +68,30 @@ def _cxx_compiler() -> str | None:
     return None
 
 
+def _cuda_build_problem() -> str | None:
+    """Why the CUDA kernels cannot be built here, in words, or None if they can."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as exc:  # noqa: BLE001
+        return f"torch's CUDA build helpers are not importable ({type(exc).__name__}: {exc})"
+    if os.environ.get("TAILORKIT_NO_CUDA", "") not in ("", "0"):
+        return f"TAILORKIT_NO_CUDA={os.environ['TAILORKIT_NO_CUDA']} is set"
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+    if not CUDA_HOME or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return (
+            f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda}): "
+            "install nvcc, or set CUDA_HOME to the toolkit's directory"
+        )
+    return None
+
+
 def _extension_build():
     """Return ``(ext_modules, cmdclass)`` for setup(): empty when the build is skipped."""
     fallback = "tailorkit will use its PyTorch reference kernels"
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # noqa: BLE001 -- any reason means "no extension"
         _note(
             f"skipping the C++ extension tailorkit._C: torch is not importable "
@@ -70,31 +105,82 @@ def _extension_build():
         )
         return [], {}
 
-    class BuildExtensionOrSkip(BuildExtension):
-        """torch's BuildExtension, except that a failed compile does not fail the install."""
-
-        def run(self):
-            try:
-                super().run()
-            except Exception as exc:  # noqa: BLE001 -- the package works without it
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                _note(
-                    f"the C++ extension tailorkit._C failed to build "
-                    f"({type(exc).__name__}: {first_line}); installing without it, {fallback}"
-                )
-
-    extensions = [
-        CppExtension(
+    def cpu_extension():
+        return CppExtension(
             name="tailorkit._C",
             sources=CPU_SOURCES,
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=LINK_FLAGS,
         )
-    ]
-    # CUDA kernels (a later change) belong here: when torch.version.cuda is set and
-    # torch.utils.cpp_extension.CUDA_HOME exists, build CPU_SOURCES plus csrc/*.cu as
-    # a CUDAExtension instead; otherwise say in one line that the CUDA kernels were skipped.
+
+    def cuda_extension():
+        arch_flags = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_CUDA_ARCH_FLAGS
+        return CUDAExtension(
+            name="tailorkit._C",
+            sources=CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={
+                "cxx": CXX_FLAGS + ["-DTAILORKIT_WITH_CUDA"],
+                "nvcc": NVCC_FLAGS + arch_flags + ["-DTAILORKIT_WITH_CUDA"],
+            },
+            extra_link_args=LINK_FLAGS,
+        )
+
+    class BuildExtensionOrSkip(BuildExtension):
+        """torch's BuildExtension, except that a failed compile does not fail the install.
+
+        If the CUDA kernels fail to compile, the CPU kernels are built alone; if
+        those fail too, the package installs without the extension.
+        """
+
+        def run(self):
+            # run() replaces the compiler name by an object and clears `inplace` while it
+            # builds; a retry needs both as they were.
+            compiler, inplace = self.compiler, self.inplace
+            try:
+                super().run()
+                return
+            except Exception as exc:  # noqa: BLE001 -- the package works without it
+                failure = exc
+            if any(s.endswith(".cu") for ext in self.extensions for s in ext.sources):
+                _note(
+                    f"the CUDA kernels of tailorkit._C failed to build ({_first_line(failure)}; "
+                    "the compiler's messages are above); building the CPU kernels alone"
+                )
+                # Turn the finalised extension into the CPU one in place: setuptools has
+                # attached build state to the object that a fresh Extension would lack.
+                for ext in self.extensions:
+                    ext.__dict__.update(vars(cpu_extension()))
+                self.compiler, self.inplace = compiler, inplace
+                try:
+                    super().run()
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    failure = exc
+            _note(
+                f"the C++ extension tailorkit._C failed to build ({_first_line(failure)}); "
+                f"installing without it, {fallback}"
+            )
+
+    problem = _cuda_build_problem()
+    extensions = None
+    if problem is None:
+        try:
+            extensions = [cuda_extension()]
+            _note("building tailorkit._C with its CUDA kernels (" + ", ".join(CUDA_SOURCES) + ")")
+        except Exception as exc:  # noqa: BLE001 -- torch's helper refused: build without CUDA
+            problem = f"torch could not set up a CUDA build ({_first_line(exc)})"
+    if extensions is None:
+        _note(f"skipping the CUDA kernels of tailorkit._C: {problem}; building the CPU kernels")
+        extensions = [cpu_extension()]
     return extensions, {"build_ext": BuildExtensionOrSkip}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return f"{type(exc).__name__}: {line if len(line) <= 200 else line[:200] + '...'}"
 
 
 ext_modules, cmdclass = _extension_build()

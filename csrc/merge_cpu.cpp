@@ -30,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "tailorkit.h"
+
 namespace tailorkit {
 namespace {
 
@@ -400,8 +402,9 @@ std::string parallel_info() {
 // built from older sources), torch raises a Python error at the declaration,
 // which ops.py reports before falling back to the reference path. (The other
 // order would fail inside the library's static initialisers and abort.)
-// CUDA implementations (a later change) register with
-// TORCH_LIBRARY_IMPL(tailorkit, CUDA, m) in their own .cu file.
+// The CUDA implementations register with TORCH_LIBRARY_IMPL(tailorkit, CUDA, m)
+// in merge_cuda.cu and cka_cuda.cu, compiled in when setup.py finds a CUDA torch
+// and nvcc (TAILORKIT_WITH_CUDA is then defined for every file).
 TORCH_LIBRARY_IMPL(tailorkit, CPU, m) {
   m.impl("weighted_sum_out", TORCH_FN(tailorkit::weighted_sum_out_cpu));
   m.impl("ties_merge_out", TORCH_FN(tailorkit::ties_merge_out_cpu));
@@ -413,4 +416,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "parallel_info",
       &tailorkit::parallel_info,
       "How the kernels run in parallel, e.g. 'OpenMP, 8 threads'.");
+  m.def(
+      "cuda_info",
+      []() -> std::string {
+#ifdef TAILORKIT_WITH_CUDA
+        return tailorkit::cuda_build_info();
+#else
+        return "";
+#endif
+      },
+      "What the CUDA kernels were built for; empty when the extension has none.");
 }

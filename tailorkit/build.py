@@ -3,16 +3,20 @@
 Reads each needed source byte once and writes each output byte once: unchanged
 tensors are copied file-to-file, merged ones are computed a chunk at a time and
 written at their final offset.  The directory appears at its target path only
-when complete.
+when complete.  With ``device="cuda"`` the merges run on the GPU, streamed
+through pinned buffers with reads, transfers, kernels and writes overlapped
+(tailorkit/gpu_build.py); the files are byte-identical to the CPU build's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from tailorkit.checkpoint.source import Source
@@ -24,6 +28,7 @@ from tailorkit.checkpoint.writer import (
     shard_names,
     split_shards,
 )
+from tailorkit.gpu_build import DeviceStreamer, resolve_device
 from tailorkit.plan import Plan, TensorJob
 from tailorkit.recipe import Recipe
 
@@ -53,30 +58,60 @@ def build(
     overwrite: bool = False,
     progress: bool = True,
     readme: str | None = None,
+    extra_files: dict[str, Path] | None = None,
+    extra_texts: dict[str, str] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Write the model a recipe describes to ``out_dir`` as a Hugging Face checkpoint.
 
     ``recipe`` may be a Recipe, a path to a recipe file, or an already validated
     Plan.  ``readme`` replaces the short generated README.md (model card).
+    ``extra_files`` (name -> file or folder to copy) and ``extra_texts`` (name -> content), e.g.
+    the figures a model card shows, are written beside the weights, inside the
+    same atomic step.  ``device`` is where merged tensors are computed: ``"cpu"``
+    (the default) or ``"cuda"`` / ``"cuda:N"``, which streams them through the
+    GPU and writes the same bytes; asking for CUDA where there is none raises a
+    TailorkitError saying why, before anything is written.
     """
+    target = resolve_device(device)
     plan = recipe if isinstance(recipe, Plan) else _as_recipe(recipe).plan(dtype)
     max_bytes = parse_size(shard_size)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        _write_weights(plan, tmp, max_bytes, progress)
+        with _streamer(target) as streamer:
+            _write_weights(plan, tmp, max_bytes, progress, streamer)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(plan.base, tmp)
         plan.recipe.to_yaml(tmp / "recipe.yaml")
         (tmp / "README.md").write_text(readme if readme is not None else default_readme(plan))
+        for name, src in (extra_files or {}).items():
+            copy = shutil.copytree if Path(src).is_dir() else shutil.copyfile
+            copy(src, tmp / _plain_name(name))
+        for name, text in (extra_texts or {}).items():
+            (tmp / _plain_name(name)).write_text(text)
     log.info("built %s: %s", out_dir, plan.summary())
     return out_dir
+
+
+def _plain_name(name: str) -> str:
+    """A file name that stays inside the output folder."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"extra file name {name!r} must be a plain file name")
+    return name
 
 
 def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
 
 
-def _write_weights(plan: Plan, out: Path, max_bytes: int, progress: bool) -> None:
+def _streamer(device: torch.device):
+    """The GPU pipeline for a CUDA device (a context manager), or None for the CPU path."""
+    return DeviceStreamer(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _write_weights(
+    plan: Plan, out: Path, max_bytes: int, progress: bool, streamer: DeviceStreamer | None = None
+) -> None:
     jobs = {j.name: j for j in plan.jobs}
     specs = [TensorSpec(j.name, j.dtype, j.shape) for j in plan.jobs]
     shards = split_shards(specs, max_bytes)
@@ -89,10 +124,13 @@ def _write_weights(plan: Plan, out: Path, max_bytes: int, progress: bool) -> Non
         for file, shard in zip(names, shards):
             writer = ShardWriter(out / file, shard)
             try:
-                for spec in shard:
-                    _write_tensor(writer, jobs[spec.name])
-                    weight_map[spec.name] = file
-                    bar.update(spec.nbytes)
+                if streamer is None:
+                    for spec in shard:
+                        _write_tensor(writer, jobs[spec.name])
+                        bar.update(spec.nbytes)
+                else:
+                    streamer.write_shard(writer, [jobs[s.name] for s in shard], bar.update)
+                weight_map.update((spec.name, file) for spec in shard)
             finally:
                 writer.close()
     # A source rewritten while we read it would have produced garbage: say so instead.
@@ -121,29 +159,7 @@ def _copy_side_files(base: Source, out: Path) -> None:
 
 
 def default_readme(plan: Plan) -> str:
-    """A short model card: where every layer came from and how much was removed."""
-    recipe = plan.recipe
-    hub_ids = [ref for ref in recipe.models.values() if "/" in ref and not Path(ref).exists()]
-    front = ["---", "library_name: transformers", "tags:", "- tailorkit", "- layer-pruning"]
-    if hub_ids:
-        front += ["base_model:", *[f"- {r}" for r in hub_ids]]
-    front.append("---")
-    rows = "\n".join(
-        f"| {i} | {layer.method} | {layer.describe()} |" for i, layer in enumerate(plan.layers)
-    )
-    return (
-        "\n".join(front)
-        + f"""
+    """The model card (tailorkit.hub.make_model_card) of a plan built without a method."""
+    from tailorkit.hub import make_model_card
 
-# Tailored model
-
-Built by [tailorkit](https://pypi.org/project/tailorkit/) from `recipe.yaml` (included):
-{plan.summary()}.
-
-| output layer | method | source layers |
-|---|---|---|
-{rows}
-
-Rebuild with `tailorkit build recipe.yaml OUT_DIR`.
-"""
-    )
+    return make_model_card(plan).content

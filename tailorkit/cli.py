@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from tailorkit.errors import TailorkitError
 
@@ -27,6 +28,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        device=args.device,
     )
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0
@@ -95,6 +97,287 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        help="text file, folder of text files, or hf:DATASET[:SPLIT[:COLUMN]] "
+        "(default: public-domain text bundled with tailorkit)",
+    )
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--num-windows", type=int, default=16, help="windows drawn (default 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="picks the windows (default 0)")
+    p.add_argument(
+        "--offload",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="stream activations to disk (a scratch folder, or DIR); default: when RAM is short",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _setting(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from tailorkit.prune import prune
+    from tailorkit.result import command_line
+
+    settings = dict(args.set or [])
+    for key in ("threshold", "similarity", "fusion"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    overwrite = args.overwrite
+    if args.method == "gptailor":
+        for key in ("budget", "popsize", "objective", "executor", "workers"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        if args.out:
+            # The search log lives under the output folder while the search runs, and is
+            # shipped inside the finished checkpoint.
+            out = Path(args.out)
+            settings["search_dir"] = out / "search"
+            settings["resume"] = args.resume
+    elif args.candidate or args.resume:
+        raise TailorkitError("--candidate and --resume are for --method gptailor")
+    result = prune(
+        args.base,
+        method=args.method,
+        target_ratio=args.target_ratio,
+        candidates=args.candidate,
+        calibration=args.calibration,
+        seq_len=args.seq_len,
+        num_windows=args.num_windows,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        offload=args.offload,
+        progress=not args.quiet,
+        **settings,
+    )
+    result.command = command_line(args.argv)
+    print(f"{args.method}: {result.summary()}", file=sys.stderr)
+    if args.recipe:
+        result.recipe.to_yaml(args.recipe)
+        print(f"wrote {args.recipe}", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        if args.method == "gptailor" and out.is_dir():
+            # Only the search log is there yet: the checkpoint takes its place (log included).
+            overwrite = overwrite or {p.name for p in out.iterdir()} <= {"search"}
+        result.save_pretrained(
+            args.out, shard_size=args.shard_size, overwrite=overwrite, progress=not args.quiet
+        )
+        print(f"wrote {args.out}", file=sys.stderr)
+    if not (args.out or args.recipe):
+        print(result.recipe.to_yaml(), end="")
+    return 0
+
+
+def _cmd_cka(args: argparse.Namespace) -> int:
+    from tailorkit.analyze import analyze
+
+    report = analyze(
+        args.model,
+        calibration=args.calibration,
+        kernel=args.kernel,
+        seq_len=args.seq_len,
+        num_windows=args.num_windows,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        offload=args.offload,
+        plot=args.plot,
+        progress=not args.quiet,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    cka = report["cka"]
+    adjacent = [(cka[i][i + 1], i) for i in range(len(cka) - 1)]
+    top = sorted(adjacent, reverse=True)[:5]
+    print(
+        f"{report['model']}: {report['layers']} layers, {report['tokens']} tokens, "
+        f"{report['kernel']} CKA"
+    )
+    print("most similar adjacent layers: " + ", ".join(f"{i}-{i + 1} ({v:.3f})" for v, i in top))
+    bi = report["block_influence"]
+    low = sorted(range(len(bi)), key=bi.__getitem__)[:5]
+    print("lowest Block Influence: " + ", ".join(f"{i} ({bi[i]:.4f})" for i in low))
+    for path in (args.plot, args.json):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def _add_analysis_commands(sub) -> None:
+    from tailorkit.checkpoint.builtin import DEFAULT_MODEL
+
+    pr = sub.add_parser("prune", help="choose which layers to remove or merge, then build")
+    pr.add_argument(
+        "--base", default=DEFAULT_MODEL, help=f"model to prune (default {DEFAULT_MODEL})"
+    )
+    pr.add_argument(
+        "--method",
+        default="slm",
+        choices=["slm", "shortgpt", "angular", "laco", "gptailor"],
+        help="slm: Sliding Layer Merging (default); shortgpt: lowest Block Influence; "
+        "angular: Gromov et al.'s block; laco: LaCo folds; gptailor: CMA-ES search over "
+        "removing, selecting and merging layers of --candidate fine-tunes",
+    )
+    pr.add_argument(
+        "--candidate",
+        action="append",
+        metavar="MODEL",
+        help="a fine-tune of --base (gptailor; repeat for each)",
+    )
+    pr.add_argument("--budget", type=int, help="gptailor: evaluations (default 120)")
+    pr.add_argument("--popsize", type=int, help="gptailor: CMA-ES population (default 12)")
+    pr.add_argument(
+        "--objective", help="gptailor: kl (default), loss, lm_eval, or e.g. kl+0.5*loss"
+    )
+    pr.add_argument(
+        "--executor", choices=["local", "ray"], help="gptailor: where candidates are scored"
+    )
+    pr.add_argument("--workers", type=int, help="gptailor with --executor ray: Ray workers")
+    pr.add_argument(
+        "--resume",
+        action="store_true",
+        help="gptailor: continue the search logged under --out/search",
+    )
+    pr.add_argument("--target-ratio", type=float, help="fraction of parameters to remove")
+    pr.add_argument("--threshold", type=float, help="similarity threshold (slm, laco)")
+    pr.add_argument(
+        "--similarity", choices=["cka", "cosine"], help="slm's similarity (default cka)"
+    )
+    pr.add_argument("--fusion", choices=["laco", "average"], help="slm's fusion (default laco)")
+    pr.add_argument(
+        "--set",
+        action="append",
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="another method setting, e.g. --set fold=3 (repeatable)",
+    )
+    pr.add_argument("--out", help="build the pruned checkpoint here (with its model card)")
+    pr.add_argument("--recipe", help="also write the recipe to this file")
+    pr.add_argument("--shard-size", default="5GB")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _calibration_args(pr)
+    pr.set_defaults(func=_cmd_prune)
+
+    ck = sub.add_parser("cka", help="layer similarity: CKA heatmap, Block Influence")
+    ck.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model directory or reference")
+    ck.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
+    ck.add_argument("--plot", help="write the CKA heatmap here (PNG)")
+    ck.add_argument("--json", help="write the figures here (JSON)")
+    _calibration_args(ck)
+    ck.set_defaults(func=_cmd_cka)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tailorkit.eval import evaluate
+
+    tasks = args.tasks
+    if not args.ppl and not tasks:
+        tasks = "tk_next_line"
+        print("no --ppl or --tasks: running the offline suite tk_next_line", file=sys.stderr)
+    result = evaluate(
+        args.model,
+        ppl=args.ppl,
+        tasks=tasks,
+        limit=args.limit,
+        context_length=args.context_length,
+        stride=args.stride,
+        compare=args.compare,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        task_paths=args.task_path,
+    )
+    print(result.table())
+    if args.json:
+        result.to_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from tailorkit.hub import push_folder
+
+    url = push_folder(
+        args.folder,
+        args.repo_id,
+        private=True if args.private else None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        token=args.token,
+        commit_message=args.message,
+    )
+    print(url)
+    return 0
+
+
+def _add_publish_commands(sub) -> None:
+    e = sub.add_parser(
+        "eval", help="perplexity and zero-shot tasks (lm-eval), optionally against the dense model"
+    )
+    e.add_argument("model", help="built checkpoint directory, recipe file, or model reference")
+    e.add_argument(
+        "--ppl", nargs="+", action="extend", metavar="PATH", help="text files for perplexity"
+    )
+    e.add_argument(
+        "--tasks",
+        help="comma-separated lm-eval tasks or groups; offline: tk_next_line (= "
+        "tk_next_line_prose,tk_next_line_verse,tk_next_line_code); default without --ppl: "
+        "tk_next_line",
+    )
+    e.add_argument("--limit", type=int, help="at most N documents per task")
+    e.add_argument("--compare", metavar="BASE", help="also evaluate the dense model BASE")
+    e.add_argument("--json", metavar="OUT", help="write the results here (JSON)")
+    e.add_argument(
+        "--context-length", type=int, help="perplexity window (default: model's, at most 2048)"
+    )
+    e.add_argument("--stride", type=int, help="perplexity window step (default: half the window)")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (default: the checkpoint's)",
+    )
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    e.add_argument("--tokenizer", help="tokenizer directory or reference (default: the model's)")
+    e.add_argument(
+        "--task-path",
+        action="append",
+        metavar="DIR",
+        help="a folder of lm-eval task YAMLs (repeatable)",
+    )
+    e.set_defaults(func=_cmd_eval)
+
+    pu = sub.add_parser("push", help="upload a built checkpoint to the Hugging Face Hub")
+    pu.add_argument("folder", help="a directory written by `tailorkit build` or `prune --out`")
+    pu.add_argument("repo_id", help="namespace/name on the Hub")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (created if missing)")
+    pu.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    pu.add_argument("--message", help="commit message")
+    pu.add_argument(
+        "--token",
+        help="Hub token (default: HF_TOKEN, then the saved login; prefer those: a command "
+        "line is visible to other users of the machine)",
+    )
+    pu.set_defaults(func=_cmd_push)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tailorkit", description="Depth-wise compression of language models."
@@ -112,6 +395,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="output dtype (default: recipe's, else base's)",
+    )
+    b.add_argument(
+        "--device",
+        default="cpu",
+        help="where merges run: cpu (default), or cuda / cuda:N to stream them through a GPU "
+        "(same output bytes)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -136,6 +425,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=_cmd_generate)
 
+    _add_analysis_commands(sub)
+    _add_publish_commands(sub)
+
     d = sub.add_parser("doctor", help="show which kernels are active and why")
     d.set_defaults(func=_cmd_doctor)
 
@@ -148,7 +440,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv  # recorded in model cards: the exact command that made the model
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )

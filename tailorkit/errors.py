@@ -21,3 +21,11 @@ class CheckpointError(TailorkitError, ValueError):
 
 class MergeError(TailorkitError, ValueError):
     """A merge cannot be computed or produced non-finite values."""
+
+
+class CalibrationError(TailorkitError, ValueError):
+    """The calibration text cannot give the windows asked for."""
+
+
+class MethodError(TailorkitError, ValueError):
+    """A pruning method's settings are invalid or its target cannot be reached."""

@@ -1,4 +1,4 @@
-"""Merge kernels behind a small Python face.
+"""Compiled kernels behind a small Python face: layer merges and batched CKA.
 
 Every layer merge tailorkit performs reduces to one of two element-wise ops:
 
@@ -14,12 +14,17 @@ float32 accumulation whatever the storage dtypes (float32 / bfloat16 / float16,
 mixed freely), because merging multi-GB checkpoints is bounded by memory
 traffic and bf16 accumulation would lose the small task vectors.
 
+:func:`hsic_all_pairs` is the core of batched CKA: unbiased HSIC between every
+pair of L Gram matrices as a few matrix products.
+
 Each op is declared once here (schema, fake implementation for tracing, typed
-wrapper). The C++ extension ``tailorkit._C`` (``csrc/merge_cpu.cpp``) only
-registers CPU implementations. Beside each op is ``_<op>_reference`` in plain
-PyTorch: it runs whenever the extension is missing or broken, when the inputs
-are not on the CPU, or when ``TAILORKIT_DISABLE_EXTENSION=1`` is set, and the
-tests hold the kernels to it bit for bit. Importing this module never raises
+wrapper). The C++ extension ``tailorkit._C`` only registers implementations:
+for the CPU (``csrc/merge_cpu.cpp``, ``csrc/cka_cpu.cpp``) and, when it was
+built with CUDA, for CUDA tensors (``csrc/merge_cuda.cu``, ``csrc/cka_cuda.cu``).
+Beside each op is ``_<op>_reference`` in plain PyTorch: it runs whenever the
+extension is missing or broken, when it has no kernel for the inputs' device,
+or when ``TAILORKIT_DISABLE_EXTENSION=1`` is set, and the tests hold the merge
+kernels to it bit for bit on both devices. Importing this module never raises
 because of the extension and never initialises CUDA; why the extension is or
 is not used is available from :func:`backend_reason` and logged once, the
 first time the reference stands in for it.
@@ -27,6 +32,7 @@ first time the reference stands in for it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -37,6 +43,7 @@ import torch
 __all__ = [
     "backend",
     "backend_reason",
+    "hsic_all_pairs",
     "ties_merge",
     "ties_thresholds",
     "weighted_sum",
@@ -45,6 +52,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The CUDA TIES kernel takes its sources in one launch (kMaxSources in merge_cuda.cu).
+_CUDA_TIES_MAX_SOURCES = 32
 _DISABLE_ENV = "TAILORKIT_DISABLE_EXTENSION"
 
 
@@ -111,6 +120,15 @@ _declare(
     "ties_merge_out(Tensor base, Tensor[] sources, float[] thresholds, float lam, "
     "Tensor(a!) out) -> ()"
 )
+_declare("hsic_all_pairs(Tensor grams) -> Tensor")
+
+# What the CUDA kernels were built for ("" when the extension has none). Asking
+# the extension does not initialise CUDA.
+_CUDA_INFO = (getattr(_C, "cuda_info", lambda: "")() or "") if _C is not None else ""
+_NO_CUDA_REASON = (
+    "tailorkit._C was built without CUDA kernels (setup.py compiles them only when torch has "
+    "CUDA and nvcc is found; `pip install -v .` prints why they were skipped)"
+)
 
 
 if _C is not None:
@@ -124,37 +142,70 @@ if _C is not None:
     def _ties_merge_out_fake(base, sources, thresholds, lam, out):
         return None
 
+    @torch.library.register_fake("tailorkit::hsic_all_pairs", lib=_lib)
+    def _hsic_all_pairs_fake(grams):
+        return grams.new_empty((grams.shape[0], grams.shape[0]), dtype=torch.float64)
+
 
 def backend() -> str:
-    """``"cpp"`` when the compiled CPU kernels are in use, else ``"reference"``."""
-    return "reference" if _C is None else "cpp"
+    """Which kernels run: ``"cpp+cuda"`` (compiled CPU and CUDA kernels), ``"cpp"``
+    (compiled CPU kernels; CUDA tensors take the reference) or ``"reference"``."""
+    if _C is None:
+        return "reference"
+    return "cpp+cuda" if _CUDA_INFO else "cpp"
 
 
 def backend_reason() -> str:
     """Why :func:`backend` is what it is, in words (for logs and bug reports)."""
     if _C is None:
         return _LOAD_REASON
-    return f"{_LOAD_REASON} ({_C.parallel_info()})"
+    cuda = _CUDA_INFO or f"no CUDA kernels: {_NO_CUDA_REASON}"
+    return f"{_LOAD_REASON} ({_C.parallel_info()}; {cuda})"
 
 
-_fallback_logged = False
+_fallbacks_logged: set[str] = set()
 
 
-def _use_kernel(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether to run the C++ kernel on these tensors rather than the reference.
+def _log_fallback_once(reason: str, level: int = logging.INFO) -> None:
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        _log.log(level, "tailorkit kernels: using the PyTorch reference (slower): %s", reason)
 
-    The kernel needs CPU tensors and has no autograd formula, so inputs on any
-    other device, or ones that need gradients, take the reference path.
-    """
-    global _fallback_logged
-    if _C is None:
-        if not _fallback_logged:
-            _fallback_logged = True
-            level = logging.WARNING if _LOAD_BROKEN else logging.INFO
-            _log.log(level, "tailorkit merges use the PyTorch reference (slower): %s", _LOAD_REASON)
+
+@functools.cache
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether tailorkit._C registered an implementation of ``op`` for this device type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if _C is None or key is None:
         return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return not needs_grad and all(t.device.type == "cpu" for t in tensors)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"tailorkit::{op}", key)
+
+
+def _use_kernel(tensors: Sequence[torch.Tensor], op: str) -> bool:
+    """Whether to run the compiled ``op`` on these tensors rather than the reference.
+
+    The kernels have no autograd formula, so inputs that need gradients take
+    the reference path; so do tensors on a device the extension has no kernel
+    for (anything but CPU, and CUDA unless it was built with CUDA), and tensors
+    spread over several devices (where the reference raises torch's error).
+    """
+    if _C is None:
+        _log_fallback_once(_LOAD_REASON, logging.WARNING if _LOAD_BROKEN else logging.INFO)
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return False
+    if _has_kernel(op, device.type):
+        return True
+    if device.type == "cuda":
+        _log_fallback_once(
+            _NO_CUDA_REASON if not _CUDA_INFO else f"tailorkit._C has no CUDA kernel for {op}"
+        )
+    elif device.type == "cpu":
+        _log_fallback_once(f"tailorkit._C has no CPU kernel for {op}; reinstall tailorkit")
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -182,12 +233,17 @@ def _check_sources(sources: Sequence[torch.Tensor], scalars: Sequence[float], na
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"source {i} is a {type(s).__name__}, not a torch.Tensor")
         _check_dtype(s.dtype, f"source {i}")
-    shape = sources[0].shape
+    shape, device = sources[0].shape, sources[0].device
     for i, s in enumerate(sources):
         if s.shape != shape:
             raise ValueError(
                 f"source {i} has shape {tuple(s.shape)} but source 0 has shape {tuple(shape)}: "
                 "merged tensors must have the same shape"
+            )
+        if s.device != device:
+            raise ValueError(
+                f"source {i} is on {s.device} but source 0 is on {device}: "
+                "put every tensor of a merge on the same device"
             )
     return [s.contiguous() for s in sources], [float(x) for x in scalars]
 
@@ -245,10 +301,10 @@ def weighted_sum(
     sources, weights = _check_sources(sources, weights, "weights")
     _check_out(out, sources[0].shape, out_dtype, sources[0].device)
     tensors = [*sources] if out is None else [*sources, out]
-    if not _use_kernel(tensors):
+    if not _use_kernel(tensors, "weighted_sum_out"):
         return _weighted_sum_reference(sources, weights, out_dtype, out)
     if out is None:
-        out = torch.empty(sources[0].shape, dtype=out_dtype)
+        out = torch.empty(sources[0].shape, dtype=out_dtype, device=sources[0].device)
     torch.ops.tailorkit.weighted_sum_out(sources, weights, out)
     return out
 
@@ -324,14 +380,21 @@ def ties_merge(
             f"base has shape {tuple(base.shape)} but the sources have shape "
             f"{tuple(sources[0].shape)}: merged tensors must have the same shape"
         )
+    if base.device != sources[0].device:
+        raise ValueError(
+            f"base is on {base.device} but the sources are on {sources[0].device}: "
+            "put every tensor of a merge on the same device"
+        )
     base = base.contiguous()
     lam = float(lam)
     _check_out(out, base.shape, out_dtype, base.device)
     tensors = [base, *sources] if out is None else [base, *sources, out]
-    if not _use_kernel(tensors):
+    if not _use_kernel(tensors, "ties_merge_out") or (
+        base.device.type == "cuda" and len(sources) > _CUDA_TIES_MAX_SOURCES
+    ):
         return _ties_merge_reference(base, sources, thresholds, lam, out_dtype, out)
     if out is None:
-        out = torch.empty(base.shape, dtype=out_dtype)
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     torch.ops.tailorkit.ties_merge_out(base, sources, thresholds, lam, out)
     return out
 
@@ -406,3 +469,69 @@ def ties_thresholds(
         # The keep-th largest value is the (n - keep + 1)-th smallest.
         thresholds.append(float(torch.kthvalue(magnitude, n - keep + 1).values))
     return thresholds
+
+
+# --------------------------------------------------------------------------
+# hsic_all_pairs (batched CKA)
+# --------------------------------------------------------------------------
+
+
+def hsic_all_pairs(grams: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC between every pair of L Gram matrices, as a float64 ``(L, L)`` matrix.
+
+    CKA compares two representations of the same n examples through their n x n
+    kernel (Gram) matrices. The unbiased estimator (Song et al. 2012), which the
+    minibatch CKA of Nguyen, Raghu and Kornblith (2021) averages over batches, is,
+    with ``Kt`` the Gram matrix with its diagonal set to zero::
+
+        HSIC(K, L) = [ tr(Kt Lt) + (1'Kt1)(1'Lt1) / ((n-1)(n-2)) - 2/(n-2) 1'Kt Lt 1 ]
+                     / (n (n-3))
+
+    For L layers at once every term is a matrix product: ``tr(Kt_i Kt_j)`` is the
+    dot product of the flattened matrices (one ``(L, n^2) x (n^2, L)`` GEMM) and,
+    the Gram matrices being symmetric, ``1'Kt_i Kt_j 1`` is the dot product of
+    their row sums (one ``(L, n) x (n, L)`` GEMM). No L^2 Python loop.
+
+    Args:
+        grams: ``(L, n, n)`` symmetric Gram matrices, float32 or float64, n >= 4.
+            The products run in this dtype (so float64 where precision matters;
+            centre the features before a linear Gram to keep its entries small,
+            which the estimator is invariant to).
+
+    Returns:
+        ``(L, L)`` float64, symmetric, on the device of ``grams``.
+
+    The compiled kernels (CPU and CUDA) zero the diagonals and take the row
+    sums in one pass, accumulating the row sums and every scalar term in
+    float64, and leave the products to BLAS / cuBLAS; they agree with
+    :func:`_hsic_all_pairs_reference` to rounding (the reference sums rows in
+    the input dtype), not bit for bit.
+    """
+    if not isinstance(grams, torch.Tensor) or grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
+        shape = tuple(grams.shape) if isinstance(grams, torch.Tensor) else type(grams).__name__
+        raise ValueError(f"grams must be an (L, n, n) tensor of Gram matrices, got {shape}")
+    if grams.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"grams has dtype {grams.dtype}; use float32 or float64")
+    if grams.shape[1] < 4:
+        raise ValueError(
+            f"the unbiased HSIC estimator needs at least 4 examples per batch, got {grams.shape[1]}"
+        )
+    grams = grams.contiguous()
+    if not _use_kernel([grams], "hsic_all_pairs"):
+        return _hsic_all_pairs_reference(grams)
+    return torch.ops.tailorkit.hsic_all_pairs(grams)
+
+
+def _hsic_all_pairs_reference(grams: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`hsic_all_pairs`: three GEMM-shaped products, no loop over pairs."""
+    n_layers, n, _ = grams.shape
+    zero_diag = grams * (1 - torch.eye(n, dtype=grams.dtype, device=grams.device))  # (L, n, n)
+    flat = zero_diag.reshape(n_layers, n * n)  # (L, n^2)
+    row_sums = zero_diag.sum(dim=2)  # (L, n)
+    totals = row_sums.sum(dim=1)  # (L,)
+    trace_term = flat @ flat.T  # (L, L): tr(Kt_i Kt_j)
+    ones_term = row_sums @ row_sums.T  # (L, L): 1'Kt_i Kt_j 1
+    hsic = (
+        trace_term + torch.outer(totals, totals) / ((n - 1) * (n - 2)) - ones_term * (2.0 / (n - 2))
+    ) / (n * (n - 3))
+    return hsic.double()

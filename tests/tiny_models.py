@@ -143,6 +143,21 @@ def _save(model, path: Path, max_shard_size: str | None) -> None:
     model.save_pretrained(path, **kwargs)
 
 
+def save_char_tokenizer(path: str | os.PathLike) -> None:
+    """A character-level tokenizer of VOCAB ids (printable ASCII + newline, ``<eos>`` = 0,
+    ``<unk>`` = 1), so tiny models take text like real ones (calibration, CLI tests)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n", *(chr(c) for c in range(32, 127))]
+    vocab = {"<eos>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(chars)}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
 def make_tiny_model(
     arch: str,
     path: str | os.PathLike,
@@ -205,4 +220,5 @@ def make_tiny_model(
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
     _save(model, path, max_shard_size)
+    save_char_tokenizer(path)
     return path

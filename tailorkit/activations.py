@@ -1,0 +1,148 @@
+"""Hidden states at every decoder-layer boundary on the calibration windows.
+
+A model with L layers has L + 1 boundaries: the input of each layer and the
+output of the last. They are captured by hooks (see :mod:`tailorkit.forward`)
+a batch of windows at a time. When they would not fit in memory they are
+written, batch by batch, to safetensors files in a scratch folder and read
+back memory-mapped, so a 70-layer model on thousands of tokens costs disk,
+not RAM.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tailorkit.checkpoint.safetensors_format import read_header
+from tailorkit.checkpoint.writer import ShardWriter, TensorSpec
+from tailorkit.errors import CalibrationError
+from tailorkit.forward import DecoderStack, Trace
+
+# Offload automatically when the states would take more than this share of free memory.
+AUTO_OFFLOAD_SHARE = 0.4
+
+
+class Activations:
+    """The captured traces, one per batch, with their states in memory or memory-mapped."""
+
+    def __init__(self, stack: DecoderStack, traces: list[Trace], scratch=None):
+        self.stack = stack
+        self.traces = traces
+        self._scratch = scratch  # a TemporaryDirectory kept alive while the maps are in use
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    @property
+    def offloaded(self) -> bool:
+        return self._scratch is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.input_ids.numel() for t in self.traces)
+
+    def boundaries(self) -> Iterator[torch.Tensor]:
+        """Per batch, all boundaries as one ``(L + 1, B*T, d)`` float32 tensor."""
+        for trace in self.traces:
+            yield torch.stack([s.reshape(-1, s.shape[-1]).float() for s in trace.states])
+
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """Per batch, the L layer outputs ``(L, B*T, d)``: boundaries 1..L."""
+        for b in self.boundaries():
+            yield b[1:]
+
+
+def capture(
+    stack: DecoderStack,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    offload: bool | str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Run ``windows`` ``(N, T)`` through the model in batches and keep every boundary state.
+
+    ``offload``: None decides from the free memory; True streams to a scratch folder
+    that lives as long as the result; a path streams into that folder.
+    """
+    n, t = windows.shape
+    d = _hidden_size(stack)
+    itemsize = next(stack.model.parameters()).element_size()
+    need = n * t * d * (stack.num_layers + 1) * itemsize
+    if offload is None:
+        offload = need > AUTO_OFFLOAD_SHARE * _available_memory()
+    scratch = folder = None
+    if offload:
+        if offload is True:
+            scratch = tempfile.TemporaryDirectory(prefix="tailorkit-activations-")
+            folder = Path(scratch.name)
+        else:
+            folder = Path(offload)
+            folder.mkdir(parents=True, exist_ok=True)
+            scratch = folder
+    traces = []
+    batches = range(0, n, batch_size)
+    for b, start in enumerate(tqdm(batches, desc="activations", disable=not progress)):
+        trace = stack.trace(windows[start : start + batch_size])
+        _check_finite(trace, b, start)
+        if folder is not None:
+            trace.states = _to_disk(trace.states, folder / f"batch-{b:05d}.safetensors")
+        traces.append(trace)
+    return Activations(stack, traces, scratch)
+
+
+def _check_finite(trace: Trace, batch: int, first_window: int) -> None:
+    for i, state in enumerate(trace.states):
+        if not bool(torch.isfinite(state).all()):
+            where = f"input of layer {i}" if i < len(trace.kwargs) else f"output of layer {i - 1}"
+            raise CalibrationError(
+                f"NaN or inf in the activations at the {where} (calibration batch {batch}, "
+                f"windows from {first_window}): the model's weights or dtype overflow there"
+            )
+
+
+def _to_disk(states: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
+    """Write the states of one batch to ``path``; return read-only memory-mapped views."""
+    specs = [TensorSpec(f"state.{i}", s.dtype, tuple(s.shape)) for i, s in enumerate(states)]
+    writer = ShardWriter(path, specs)
+    try:
+        for spec, s in zip(specs, states):
+            writer.write(spec.name, s.contiguous().reshape(-1), 0)
+    finally:
+        writer.close()
+    header = read_header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    views = []
+    for spec in specs:
+        info = header.tensors[spec.name]
+        view = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
+        views.append(view.reshape(info.shape))
+    return views
+
+
+def _hidden_size(stack: DecoderStack) -> int:
+    config = stack.model.config
+    config = getattr(config, "get_text_config", lambda: config)()
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not size:
+        raise CalibrationError(f"{type(stack.model).__name__}: config has no hidden_size")
+    return int(size)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

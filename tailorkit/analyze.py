@@ -1,0 +1,55 @@
+"""``tailorkit.analyze``: the layer-similarity figures of one model on calibration text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tailorkit.activations import capture
+from tailorkit.calibration import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
+from tailorkit.checkpoint.builtin import DEFAULT_MODEL
+from tailorkit.prune import calibration_windows, load_base
+from tailorkit.similarity import angular_distance, block_influence, cka_matrix, plot_heatmap
+
+
+def analyze(
+    model: str = DEFAULT_MODEL,
+    *,
+    calibration: Any = None,
+    kernel: str = "linear",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    num_windows: int = DEFAULT_NUM_WINDOWS,
+    batch_size: int = 8,
+    seed: int = 0,
+    offload: bool | str | None = None,
+    plot: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """CKA between all layer outputs, Block Influence per layer, angular distance of
+    adjacent boundaries; optionally the CKA heatmap as a PNG."""
+    source, stack = load_base(model)
+    windows = calibration_windows(
+        source, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    )
+    acts = capture(stack, windows, batch_size=batch_size, offload=offload, progress=progress)
+    cka = cka_matrix(acts.outputs(), kernel=kernel)
+    influence = block_influence(acts.boundaries())
+    angular = angular_distance(acts.boundaries(), 1)
+    if plot is not None:
+        plot_heatmap(cka, plot, f"{kernel} CKA of layer outputs: {source.path.name}")
+    return {
+        "model": model,
+        "kernel": kernel,
+        "layers": stack.num_layers,
+        "tokens": int(windows.numel()),
+        "offloaded": acts.offloaded,
+        "cka": _rounded(cka),
+        "block_influence": _rounded(influence),
+        "angular_distance_adjacent": _rounded(angular),
+    }
+
+
+def _rounded(t: torch.Tensor) -> list:
+    return torch.round(t.double(), decimals=6).tolist()

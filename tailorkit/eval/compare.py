@@ -1,0 +1,206 @@
+"""The result of an evaluation, its comparison with the dense model, and their tables.
+
+Retention, as the depth-pruning papers report it: per task, the tailored model's score
+divided by the dense model's (on each task's primary metric: acc_norm where the task
+has it, else acc, ...); on average, the mean tailored score divided by the mean dense
+score ("keeps 97.3% of the average score").  The mean of the per-task ratios is given
+beside it.  Perplexity is lower-is-better, so it is compared as a ratio
+(tailored / dense, above 1 is worse) and never averaged with task scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Evaluation:
+    """Scores of one model: perplexity per text file and metrics per task.
+
+    ``baseline`` holds the dense model's scores when the evaluation compared against
+    one; ``retention()`` then relates the two.  ``to_dict()`` / ``to_json()`` give the
+    JSON form that ``tailorkit eval --json`` writes and the model card reads.
+    """
+
+    model: str
+    perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    baseline: Evaluation | None = None
+
+    # -- comparison --------------------------------------------------------------------
+    def retention(self) -> dict[str, Any] | None:
+        """Tailored vs dense per task, on average, and per text; None without a baseline."""
+        if self.baseline is None:
+            return None
+        return retention(self, self.baseline)
+
+    # -- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "settings": self.settings,
+            "perplexity": self.perplexity,
+            "tasks": self.tasks,
+        }
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_dict()
+            out["retention"] = self.retention()
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        base = data.get("baseline")
+        return cls(
+            model=data.get("model", "model"),
+            perplexity=dict(data.get("perplexity", {})),
+            tasks=dict(data.get("tasks", {})),
+            settings=dict(data.get("settings", {})),
+            baseline=cls.from_dict(base) if base else None,
+        )
+
+    def table(self) -> str:
+        """Markdown tables: tasks (with dense and retention when compared) and perplexity."""
+        return render_tables(self.to_dict())
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _score(row: dict[str, Any]) -> float | None:
+    metric = row.get("metric")
+    value = row.get(metric) if metric else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def retention(tailored: Evaluation, dense: Evaluation) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    for name, row in tailored.tasks.items():
+        other = dense.tasks.get(name)
+        if other is None:
+            continue
+        t, d = _score(row), _score({**other, "metric": row.get("metric")})
+        if t is None or d is None:
+            continue
+        tasks[name] = {
+            "metric": row["metric"],
+            "tailored": t,
+            "dense": d,
+            "retention": t / d if d > 0 else None,
+        }
+    average: dict[str, Any] | None = None
+    if tasks:
+        mean_t = sum(r["tailored"] for r in tasks.values()) / len(tasks)
+        mean_d = sum(r["dense"] for r in tasks.values()) / len(tasks)
+        ratios = [r["retention"] for r in tasks.values() if r["retention"] is not None]
+        average = {
+            "tasks": len(tasks),
+            "tailored": mean_t,
+            "dense": mean_d,
+            "retention": mean_t / mean_d if mean_d > 0 else None,
+            "mean_task_retention": sum(ratios) / len(ratios) if ratios else None,
+        }
+    ppl: dict[str, Any] = {}
+    for path, row in tailored.perplexity.items():
+        other = dense.perplexity.get(path)
+        if other is None:
+            continue
+        ppl[path] = {
+            "tailored": row["perplexity"],
+            "dense": other["perplexity"],
+            "ratio": row["perplexity"] / other["perplexity"],
+        }
+    return {"tasks": tasks, "average": average, "perplexity": ppl}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _task_rows(tasks: dict[str, Any], indent: str = "") -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for name, row in tasks.items():
+        rows.append((indent + name, row))
+        rows += _task_rows(row.get("subtasks", {}), indent + "&nbsp;&nbsp;")
+    return rows
+
+
+def render_tables(data: dict[str, Any]) -> str:
+    """Markdown tables of an ``Evaluation.to_dict()``."""
+    parts = []
+    base = data.get("baseline")
+    if data.get("tasks"):
+        dense_rows = dict(_task_rows(base["tasks"])) if base else {}
+        lines = (
+            [
+                "| task | metric | n | tailored | dense | retention |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            if base
+            else ["| task | metric | n | score | stderr |", "|---|---|---:|---:|---:|"]
+        )
+        for name, row in _task_rows(data["tasks"]):
+            metric = row.get("metric")
+            value = row.get(metric) if metric else None
+            n = row.get("samples", "-")
+            if base:
+                other = dense_rows.get(name, {})
+                dense = other.get(metric) if metric else None
+                ratio = value / dense if isinstance(value, float) and dense else None
+                lines.append(
+                    f"| {name} | {metric or '-'} | {n} | {_num(value)} | {_num(dense)} "
+                    f"| {_pct(ratio)} |"
+                )
+            else:
+                err = row.get(f"{metric}_stderr") if metric else None
+                lines.append(f"| {name} | {metric or '-'} | {n} | {_num(value)} | {_num(err)} |")
+        average = (data.get("retention") or {}).get("average")
+        if average:
+            lines.append(
+                f"| **average** ({average['tasks']} task{'s' if average['tasks'] != 1 else ''}) "
+                f"| | | {_num(average['tailored'])} "
+                f"| {_num(average['dense'])} | **{_pct(average['retention'])}** |"
+            )
+        parts.append("\n".join(lines))
+    if data.get("perplexity"):
+        if base:
+            lines = [
+                "| text | tokens | context / stride | perplexity | dense | ratio |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+        else:
+            lines = [
+                "| text | tokens | context / stride | perplexity | bits per byte |",
+                "|---|---:|---:|---:|---:|",
+            ]
+        for path, row in data["perplexity"].items():
+            name = Path(path).name
+            head = f"| {name} | {row['tokens']} | {row['context_length']} / {row['stride']} "
+            if base:
+                dense = base["perplexity"].get(path, {}).get("perplexity")
+                ratio = row["perplexity"] / dense if dense else None
+                lines.append(
+                    head + f"| {_num(row['perplexity'], 3)} | {_num(dense, 3)} | {_num(ratio, 3)} |"
+                )
+            else:
+                lines.append(
+                    head + f"| {_num(row['perplexity'], 3)} | {_num(row['bits_per_byte'], 4)} |"
+                )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -1,0 +1,70 @@
+"""`tailorkit prune` and `tailorkit cka` end to end on the real SmolLM2-135M-Instruct,
+with the bundled calibration text (kept short so the suite stays quick)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tailorkit as tk
+from tailorkit.cli import main
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--num-windows", "2", "--seq-len", "32", "-q"]
+
+
+def test_cli_cka_writes_heatmap_and_json(smollm2_path, tmp_path, capsys):
+    plot, data = tmp_path / "cka.png", tmp_path / "cka.json"
+    assert main(["cka", str(smollm2_path), "--plot", str(plot), "--json", str(data), *FAST]) == 0
+    report = json.loads(data.read_text())
+    assert report["layers"] == 30 and len(report["cka"]) == 30
+    assert all(abs(report["cka"][i][i] - 1) < 1e-6 for i in range(30))
+    assert len(report["block_influence"]) == 30
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "most similar adjacent layers" in capsys.readouterr().out
+
+
+def test_cli_prune_slm_builds_a_loadable_checkpoint(smollm2_path, tmp_path):
+    out = tmp_path / "smol-slm"
+    code = main(
+        ["prune", "--base", str(smollm2_path), "--method", "slm", "--target-ratio", "0.25"]
+        + ["--out", str(out), *FAST]
+    )
+    assert code == 0
+    recipe = tk.Recipe.load(out / "recipe.yaml")
+    plan = recipe.plan()
+    assert plan.num_layers == 21  # 9 layers of 2.6% each: 23.7% of the parameters
+    assert abs(plan.removed_parameter_fraction - 0.237) < 0.01
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 21
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    card = (out / "README.md").read_text()
+    assert "tailorkit prune" in card and "cka.png" in card
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "slm" and report["windows"]
+
+
+def test_cli_prune_writes_a_recipe_and_rejects_an_unreachable_ratio(smollm2_path, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    args = ["prune", "--base", str(smollm2_path), "--method", "shortgpt"]
+    assert main([*args, "--target-ratio", "0.1", "--recipe", str(recipe), *FAST]) == 0
+    assert tk.Recipe.load(recipe).plan().num_layers == 26
+    assert main([*args, "--target-ratio", "0.9", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "(1 layer)" in err
+
+
+def test_prune_api_default_base_and_calibration(smollm2_path):
+    """`tk.prune()` with no base and no calibration: the built-in model, the bundled text."""
+    result = tk.prune(method="angular", target_ratio=0.2, num_windows=2, progress=False)
+    assert result.report["calibration"]["source"] == "bundled public-domain text"
+    assert result.plan.num_layers == 22
+    ids = torch.tensor([[1, 504, 3458]])
+    with torch.no_grad():
+        assert result.model(input_ids=ids).logits.shape == (1, 3, 49152)

@@ -1,0 +1,260 @@
+"""GPTailor's search: the genome, the evaluator's exactness and caches, the driver's
+resume, the executors, and the CLI, on a tiny Llama family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tailorkit as tk
+from tailorkit.cli import main
+from tailorkit.search.driver import LOG_NAME, SearchSettings, run_search
+from tailorkit.search.evaluator import Evaluator, EvaluatorConfig
+from tailorkit.search.executors import LocalExecutor
+from tailorkit.search.space import SearchSpace, encode
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def space(family):
+    return SearchSpace(
+        base=str(family.base),
+        candidates=tuple(str(c) for c in family.candidates),
+        num_layers=LAYERS,
+        remove=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluator(family, tokens):
+    config = EvaluatorConfig(
+        base=str(family.base),
+        candidates={"c1": str(family.candidates[0]), "c2": str(family.candidates[1])},
+        windows=tokens,
+        batch_size=4,
+    )
+    return Evaluator(config)
+
+
+def test_every_genome_decodes_to_a_valid_recipe_removing_exactly_r(space):
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        recipe = space.decode(rng.normal(size=space.dimension) * 2)
+        layers = recipe.output_layers()
+        assert len(layers) == LAYERS - 1
+        depths = [layer.sources[0][1] for layer in layers]
+        assert depths == sorted(set(depths))  # kept layers in order, each once
+        for layer in layers:
+            if layer.method == "task_arithmetic":
+                # The task vector is taken against the base layer at the SAME depth.
+                assert layer.base == ("base", layer.sources[0][1])
+                assert all(i == layer.base[1] for _, i in layer.sources)
+                assert 0 <= layer.params["lambda"] <= 1
+            seen.add(layer.method)
+        recipe.plan()  # validates against the real files
+    assert seen == {"passthrough", "task_arithmetic"}
+
+
+def test_encode_inverts_decode_and_removal_only(space):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        recipe = space.decode(rng.normal(size=space.dimension))
+        assert space.decode(encode(space, recipe)) == recipe
+    only = SearchSpace(space.base, space.candidates, LAYERS, 2, removal_only=True)
+    assert only.dimension == LAYERS
+    recipe = only.decode(np.array([0.3, -1.0, 2.0, -0.5]))
+    assert [layer.sources for layer in recipe.output_layers()] == [
+        (("base", 0),),
+        (("base", 2),),
+    ]
+    linear = SearchSpace(space.base, space.candidates, LAYERS, 1, allow_linear=True)
+    x = linear.initial([4, 3, 2, 1])
+    x[LAYERS : LAYERS + 2] = 1.0  # layer 0 from both candidates
+    x[-LAYERS] = 1.0  # as an average
+    first = linear.decode(x).output_layers()[0]
+    assert first.method == "linear" and first.sources == (("c1", 0), ("c2", 0))
+
+
+def test_initial_mean_is_block_influence_removal_with_base_layers(space):
+    recipe = space.decode(space.initial([0.5, 0.1, 0.3, 0.9]))  # layer 1 matters least
+    assert [layer.sources for layer in recipe.output_layers()] == [
+        (("base", 0),),
+        (("base", 2),),
+        (("base", 3),),
+    ]
+
+
+def test_evaluator_logits_equal_the_assembled_and_built_model(space, evaluator, tokens, tmp_path):
+    x = space.initial([4, 3, 2, 1])
+    x[LAYERS + 0 * 2 : LAYERS + 0 * 2 + 2] = [1.0, 1.0]  # layer 0: merge both fine-tunes
+    x[LAYERS + 1 * 2] = 1.0  # layer 1: from c1
+    x[LAYERS + 2 * LAYERS] = 0.7  # layer 0's lambda gene
+    recipe = space.decode(x)
+    methods = [layer.method for layer in recipe.output_layers()]
+    assert methods == ["task_arithmetic", "passthrough", "passthrough"]
+    scored = torch.cat(evaluator.logits(recipe))
+    assembled = tk.assemble(recipe)
+    out = tk.build(recipe, tmp_path / "built", progress=False)
+    built = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(scored, assembled(input_ids=tokens).logits)
+        assert torch.equal(scored, built(input_ids=tokens).logits)
+
+
+def test_kl_objective_matches_a_direct_computation(space, evaluator, tokens):
+    recipe = space.decode(space.initial([1, 2, 3, 4]))
+    kl = evaluator.evaluate(recipe)
+    base = AutoModelForCausalLM.from_pretrained(space.base)
+    cand = tk.assemble(recipe)
+    with torch.no_grad():
+        p = torch.log_softmax(base(input_ids=tokens).logits.double(), -1)
+        q = torch.log_softmax(cand(input_ids=tokens).logits.double(), -1)
+    direct = float((p.exp() * (p - q)).sum(-1).mean())
+    assert kl == pytest.approx(direct, rel=1e-4)
+
+
+def test_prefix_states_are_reused(space, evaluator):
+    before = dict(evaluator.stats)
+    a = space.initial([4, 3, 2, 1])  # keeps 0, 1, 2
+    b = a.copy()
+    b[LAYERS + 2 * 2] = 1.0  # only layer 2 differs (from c1)
+    evaluator.evaluate(space.decode(a))
+    mid = dict(evaluator.stats)
+    evaluator.evaluate(space.decode(b))
+    after = evaluator.stats
+    assert after["layers_reused"] - mid["layers_reused"] == 2  # layers 0 and 1
+    assert after["layer_forwards"] - mid["layer_forwards"] == 1
+    evaluator.evaluate(space.decode(a))  # seen before: nothing runs
+    assert evaluator.stats["layer_forwards"] == after["layer_forwards"]
+    assert mid["evaluations"] == before["evaluations"] + 1
+    assert 0 < evaluator.cache_report()["prefix_hit_rate"] < 1
+
+
+def _search(space, evaluator, out_dir, resume=False, budget=18):
+    settings = SearchSettings(budget=budget, popsize=6, seed=7, fidelity_windows=4)
+    x0 = space.initial([4, 1, 3, 2])
+    runner = LocalExecutor.__new__(LocalExecutor)
+    runner.evaluator = evaluator
+    return run_search(space, runner, x0, settings, out_dir, resume=resume, progress=False)
+
+
+def test_search_improves_on_its_start_and_logs_every_generation(space, evaluator, tmp_path):
+    result = _search(space, evaluator, tmp_path)
+    assert result.fitness <= result.start_fitness
+    lines = (tmp_path / LOG_NAME).read_text().splitlines()
+    assert len(lines) == result.generations == 3
+    assert all(len(json.loads(line)["fitness"]) == 6 for line in lines)
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    state = json.loads((tmp_path / "search_state.json").read_text())
+    assert state["best_fitness"] == result.fitness
+
+
+def test_resume_after_a_kill_reaches_the_same_result(space, evaluator, tmp_path):
+    straight = _search(space, evaluator, tmp_path / "straight")
+    log = tmp_path / "straight" / LOG_NAME
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    lines = log.read_text().splitlines()
+    # Killed during generation 2: two whole generations logged, the third cut mid-line.
+    (killed / LOG_NAME).write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    resumed = _search(space, evaluator, killed, resume=True)
+    assert resumed.recipe == straight.recipe
+    assert resumed.fitness == straight.fitness
+    assert resumed.history == straight.history
+    with pytest.raises(tk.TailorkitError, match="cannot resume"):
+        _search(space, evaluator, killed, resume=True, budget=24)
+
+
+def test_ray_executor_gives_the_local_result(space, family, tokens, tmp_path):
+    pytest.importorskip("ray")
+    from tailorkit.search.executors import RayExecutor
+
+    config = EvaluatorConfig(
+        base=str(family.base),
+        candidates={"c1": str(family.candidates[0]), "c2": str(family.candidates[1])},
+        windows=tokens,
+        batch_size=4,
+        threads=1,
+    )
+    settings = SearchSettings(budget=12, popsize=6, seed=3, fidelity_windows=4)
+    x0 = space.initial([4, 1, 3, 2])
+    local = LocalExecutor(config)
+    want = run_search(space, local, x0, settings, tmp_path / "local", progress=False)
+    ray_runner = RayExecutor(config, workers=2)
+    try:
+        got = run_search(space, ray_runner, x0, settings, tmp_path / "ray", progress=False)
+        report = ray_runner.cache_report()
+    finally:
+        ray_runner.close()
+    assert got.recipe == want.recipe and got.fitness == want.fitness
+    assert got.history == want.history
+    assert report["workers"] == 2 and report["evaluations"] > 0
+
+
+def test_cli_gptailor_builds_and_resumes(family, tmp_path):
+    out = tmp_path / "tailored"
+    args = ["prune", "--method", "gptailor", "--base", str(family.base)]
+    args += [f"--candidate={c}" for c in family.candidates]
+    args += ["--target-ratio", "0.22", "--calibration", str(tmp_path / "text.txt")]
+    args += ["--seq-len", "16", "--num-windows", "8", "--batch-size", "4", "-q"]
+    args += ["--set", "budget=12", "--set", "popsize=6", "--set", "fidelity_windows=4"]
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    assert main([*args, "--out", str(out)]) == 0
+    recipe = tk.Recipe.load(out / "recipe.yaml")
+    assert len(recipe.output_layers()) == LAYERS - 1
+    assert (out / "search" / LOG_NAME).is_file()
+    assert (out / "convergence.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "convergence.png" in card
+    report = json.loads((out / "report.json").read_text())
+    cache = report["search"]["evaluator_cache"]
+    assert cache["evaluations"] > 12 and cache["prefix_hit_rate"] > 0
+    # Resume into the same folder: the logged generations are replayed, same recipe.
+    assert main([*args, "--out", str(out), "--resume", "--overwrite"]) == 0
+    assert tk.Recipe.load(out / "recipe.yaml") == recipe
+
+
+def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factory, tokens):
+    other = tiny_model_factory("qwen2")
+    with pytest.raises(tk.TailorkitError, match="fine-tunes of the same base"):
+        tk.prune(
+            str(family.base),
+            method="gptailor",
+            candidates=[str(other)],
+            target_ratio=0.22,
+            calibration=tokens,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"budget": 4, "popsize": 6}, "smaller than one generation"),
+        ({"objective": "accuracy"}, "unknown objective 'accuracy'"),
+        ({"target_ratio": 0.99}, "cannot be reached"),
+        ({"executor": "slurm"}, "executor must be one of local, ray"),
+    ],
+)
+def test_gptailor_bad_settings(family, tokens, settings, message):
+    kwargs = {"target_ratio": 0.22, "budget": 12, "popsize": 6} | settings
+    with pytest.raises(tk.TailorkitError, match=message):
+        tk.prune(
+            str(family.base),
+            method="gptailor",
+            candidates=[str(c) for c in family.candidates],
+            calibration=tokens,
+            progress=False,
+            **kwargs,
+        )
