@@ -26,15 +26,17 @@ def analyze(
     offload: bool | str | None = None,
     plot: str | Path | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """CKA between all layer outputs, Block Influence per layer, angular distance of
-    adjacent boundaries; optionally the CKA heatmap as a PNG."""
+    adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
+    the CKA on the GPU."""
     source, stack = load_base(model)
     windows = calibration_windows(
         source, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
     )
     acts = capture(stack, windows, batch_size=batch_size, offload=offload, progress=progress)
-    cka = cka_matrix(acts.outputs(), kernel=kernel)
+    cka = cka_matrix(acts.outputs(), kernel=kernel, device=device)
     influence = block_influence(acts.boundaries())
     angular = angular_distance(acts.boundaries(), 1)
     if plot is not None:

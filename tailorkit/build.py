@@ -28,6 +28,7 @@ from tailorkit.checkpoint.writer import (
     shard_names,
     split_shards,
 )
+from tailorkit.errors import TailorkitError
 from tailorkit.gpu_build import DeviceStreamer, resolve_device
 from tailorkit.plan import Plan, TensorJob
 from tailorkit.recipe import Recipe
@@ -76,6 +77,8 @@ def build(
     target = resolve_device(device)
     plan = recipe if isinstance(recipe, Plan) else _as_recipe(recipe).plan(dtype)
     max_bytes = parse_size(shard_size)
+    for name in (*(extra_files or {}), *(extra_texts or {})):
+        _plain_name(name)  # before hours of writing, not after
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
@@ -95,8 +98,11 @@ def build(
 
 def _plain_name(name: str) -> str:
     """A file name that stays inside the output folder."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"extra file name {name!r} must be a plain file name")
+    if not name or Path(name).name != name or name in (".", "..") or "\0" in name:
+        raise TailorkitError(
+            f"extra file name {name!r} must be a plain file name (no folder, no '..'): "
+            "it is written inside the output folder"
+        )
     return name
 
 

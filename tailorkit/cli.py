@@ -195,6 +195,7 @@ def _cmd_cka(args: argparse.Namespace) -> int:
         offload=args.offload,
         plot=args.plot,
         progress=not args.quiet,
+        device=args.device,
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -277,6 +278,7 @@ def _add_analysis_commands(sub) -> None:
     ck.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
     ck.add_argument("--plot", help="write the CKA heatmap here (PNG)")
     ck.add_argument("--json", help="write the figures here (JSON)")
+    ck.add_argument("--device", help="compute the CKA here, e.g. cuda (default: the CPU)")
     _calibration_args(ck)
     ck.set_defaults(func=_cmd_cka)
 

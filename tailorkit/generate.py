@@ -20,8 +20,12 @@ def load_for_generation(model: str | Path):
     if path.is_file():
         plan = Recipe.load(path).plan()
         return assemble(plan), AutoTokenizer.from_pretrained(plan.base.path)
+    from tailorkit.eval.run import check_checkpoint_dir
+
     local = resolve(str(model))
-    return AutoModelForCausalLM.from_pretrained(local).eval(), AutoTokenizer.from_pretrained(local)
+    check_checkpoint_dir(local)  # safetensors weights, never a pickle
+    loaded = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
+    return loaded.eval(), AutoTokenizer.from_pretrained(local)
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, chat: bool = False) -> str:

@@ -615,7 +615,9 @@ def push_folder(
         raise HubError(
             f"pushing {folder} to {repo_id} failed: {detail}" + (f" ({hint})" if hint else "")
         ) from None
-    except (OSError, ValueError) as e:
+    except Exception as e:
+        # The transport's own errors (requests, httpx or httpx2, by huggingface_hub version:
+        # a refused connection, a timeout, a bad endpoint) share no base class with OSError.
         raise HubError(
             f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {_scrub(str(e), secret)}"
         ) from None

@@ -20,7 +20,7 @@ from tailorkit.checkpoint.safetensors_format import TensorInfo
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
 from tailorkit.merge import merge_chunks, merge_tensor
-from tailorkit.recipe import OutputLayer, Recipe
+from tailorkit.recipe import LayerRange, OutputLayer, Recipe
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
 
@@ -163,6 +163,7 @@ def make_plan(
     _check_compatible(base, sources)
     out_dtype = _resolve_dtype(dtype or recipe.dtype, base)
 
+    _check_ranges(recipe, sources)  # before expanding them: [0, 10**12) must not be listed
     layers = recipe.output_layers()
     jobs: list[TensorJob] = []
     for name in base.arch.embedding_tensors:
@@ -173,6 +174,18 @@ def make_plan(
         jobs.append(_passthrough_job(name, sources[recipe.head_model], base, out_dtype))
     config = _output_config(base, sources, layers, out_dtype)
     return Plan(recipe, sources, jobs, config, out_dtype, layers)
+
+
+def _check_ranges(recipe: Recipe, sources: dict[str, Source]) -> None:
+    for i, entry in enumerate(recipe.layers):
+        if isinstance(entry, LayerRange):
+            have = sources[entry.model].num_layers
+            start, stop = entry.layers
+            if stop > have:
+                raise RecipeError(
+                    f"layers[{i}]: range [{start}, {stop}) of model {entry.model!r} goes past "
+                    f"its {have} layers (0-{have - 1})"
+                )
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, base: Source) -> torch.dtype:

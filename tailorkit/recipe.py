@@ -288,15 +288,22 @@ class Recipe(_Strict):
         """Read a recipe from a YAML or JSON file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
         try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise RecipeError(
-                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
-            ) from None
+            data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        except RecursionError:
+            raise RecipeError(f"{path}: not valid {kind}: nested too deeply") from None
+        except Exception as e:
+            # Besides JSONDecodeError and YAMLError, the parsers raise what building a value
+            # raises: ValueError for a date like 2001-13-45, `!!int abc` or an integer of
+            # 5,000 digits, AttributeError for `!!timestamp abc`. safe_load builds plain
+            # data only, so whatever it raises means the text is not a valid document.
+            raise RecipeError(f"{path}: not valid {kind}: {type(e).__name__}: {e}") from None
         return cls.from_dict(data, where=str(path))
 
     def plan(self, dtype: str | None = None):

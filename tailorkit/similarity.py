@@ -58,13 +58,16 @@ def cka_matrix(
     *,
     kernel: str = "linear",
     minibatch: int = DEFAULT_MINIBATCH,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Minibatch CKA between every pair of L representations, as ``(L, L)`` float64.
 
     ``batches`` yields ``(L, n_b, d)`` tensors: the same n_b examples seen by each of
     the L representations (e.g. the layer outputs of one calibration batch). Each is
     cut into minibatches of ``minibatch`` examples (a tail shorter than 4 is dropped:
-    the unbiased estimator needs 4).
+    the unbiased estimator needs 4). ``device="cuda"`` moves each minibatch to the GPU
+    (from memory, or straight from the memory-mapped activation files) and runs the
+    GEMMs there.
     """
     total = None
     for feats in batches:
@@ -72,7 +75,9 @@ def cka_matrix(
             chunk = feats[:, start : start + minibatch]  # (L, m, d)
             if chunk.shape[1] < 4:
                 continue
-            hsic = ops.hsic_all_pairs(gram_matrices(chunk, kernel))
+            if device is not None:
+                chunk = chunk.to(device, non_blocking=True)
+            hsic = ops.hsic_all_pairs(gram_matrices(chunk, kernel)).cpu()
             total = hsic if total is None else total + hsic
     if total is None:
         raise MethodError("CKA needs at least 4 examples (tokens); the calibration gave fewer")

@@ -341,6 +341,14 @@ def test_retention_arithmetic():
     again = Evaluation.from_dict(json.loads(tailored.to_json()))
     assert again.to_dict() == tailored.to_dict()
     assert "| **average** (2 tasks) | | | 0.5250 | 0.6500 | **80.8%** |" in tailored.table()
+    # A lower-is-better task metric is inverted and kept out of the average.
+    ppl_task = {"metric": "word_perplexity", "higher_is_better": False, "samples": 3}
+    dense.tasks["wiki"] = {**ppl_task, "word_perplexity": 20.0}
+    tailored.tasks["wiki"] = {**ppl_task, "word_perplexity": 25.0}
+    r = tailored.retention()
+    assert r["tasks"]["wiki"]["retention"] == pytest.approx(0.8)
+    assert r["average"]["tasks"] == 2 and r["average"]["retention"] == pytest.approx(0.525 / 0.65)
+    assert "| wiki | word_perplexity | 3 | 25.0000 | 20.0000 | 80.0% |" in tailored.table()
 
 
 # --------------------------------------------------------------------------- real model

@@ -72,8 +72,15 @@ def detect(config: dict[str, Any], tensor_names: list[str], where: str) -> Archi
     for name in tensor_names:
         m = _LAYER_NAME.match(name)
         if m:
+            if len(m["index"]) > 9:  # no model has a billion layers; int() of 5,000 digits fails
+                raise CheckpointError(f"{where}: tensor {name[:200]!r} has an absurd layer index")
             by_prefix[m["prefix"]][int(m["index"])][m["rest"]] = name
-    matching = [p for p, layers in by_prefix.items() if set(layers) == set(range(num_layers))]
+    # Count first: config.json comes from strangers, and set(range(10**12)) would not end.
+    matching = [
+        p
+        for p, layers in by_prefix.items()
+        if len(layers) == num_layers and set(layers) == set(range(num_layers))
+    ]
     if len(matching) != 1:
         found = {p: len(layers) for p, layers in by_prefix.items()}
         raise CheckpointError(

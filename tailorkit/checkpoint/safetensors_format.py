@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,17 @@ def read_header(path: str | os.PathLike) -> Header:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(
+            f"{path}: header names {_short(e.args[0])} twice; a header that can be read two ways "
+            "is refused"
+        ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and integers past Python's digit limit;
+        # RecursionError, arrays or objects nested thousands deep.
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({why})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(doc).__name__}")
 
@@ -136,20 +145,20 @@ def read_header(path: str | os.PathLike) -> Header:
 def _tensor_info(
     path: Path, name: str, entry: object, data_start: int, data_len: int
 ) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {_short(name)}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: entry must have exactly dtype, shape and data_offsets")
     dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise CheckpointError(
-            f"{where}: unknown dtype {entry['dtype']!r} (supported: {', '.join(DTYPES)})"
+            f"{where}: unknown dtype {_short(entry['dtype'])} (supported: {', '.join(DTYPES)})"
         )
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise CheckpointError(
-            f"{where}: shape must be a list of non-negative integers, got {shape!r}"
+            f"{where}: shape must be a list of non-negative integers, got {_short(shape)}"
         )
     offsets = entry["data_offsets"]
     if (
@@ -157,25 +166,64 @@ def _tensor_info(
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise CheckpointError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        raise CheckpointError(f"{where}: data_offsets must be two integers, got {_short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] lie outside the data area "
+            f"{where}: data_offsets {_short(offsets)} lie outside the data area "
             f"(0..{data_len} bytes); the file is truncated or its header lies"
         )
-    # Python ints do not overflow, so an absurd shape is caught here, before any allocation.
-    expected = math.prod(shape) * itemsize(dtype)
-    if expected != end - begin:
+    # Checked against the span while multiplying, so an absurd shape (a product past int64,
+    # or a list of a million dimensions) is refused at once, before any allocation.
+    size = itemsize(dtype)
+    numel = _numel_up_to(shape, (end - begin) // size + 1)
+    if numel is None or numel * size != end - begin:
+        needs = f"more than {end - begin}" if numel is None else f"{numel * size}"
         raise CheckpointError(
-            f"{where}: shape {shape} x {entry['dtype']} needs {expected} bytes "
+            f"{where}: shape {_short(shape)} x {entry['dtype']} needs {needs} bytes "
             f"but data_offsets span {end - begin}"
         )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return doc
+
+
+def _numel_up_to(shape: list[int], limit: int) -> int | None:
+    """The product of ``shape``, or None as soon as it passes ``limit``."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > limit:
+            return None
+    return numel
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 8, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def _short(value: object) -> str:
+    """A header value for a message: never a megabyte of text from a hostile file."""
+    return _REPR.repr(value)
 
 
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
         if start_b < end_a:
-            raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the file")
+            raise CheckpointError(
+                f"{path}: tensors {_short(name_a)} and {_short(name_b)} overlap in the file"
+            )

@@ -170,8 +170,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json; a model directory needs one")
     try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        # ValueError: bad UTF-8 or JSON, or an integer past Python's digit limit.
         raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg}: must hold a JSON object")
@@ -203,8 +204,8 @@ def _read_headers(path: Path) -> list[Header]:
 
 def _read_sharded(path: Path, index: Path) -> list[Header]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{index}: not a valid index (needs a 'weight_map' object): {e}"
         ) from None

@@ -4,7 +4,8 @@ Retention, as the depth-pruning papers report it: per task, the tailored model's
 divided by the dense model's (on each task's primary metric: acc_norm where the task
 has it, else acc, ...); on average, the mean tailored score divided by the mean dense
 score ("keeps 97.3% of the average score").  The mean of the per-task ratios is given
-beside it.  Perplexity is lower-is-better, so it is compared as a ratio
+beside it.  A task scored by a lower-is-better metric (an lm-eval perplexity task) gets
+dense / tailored instead, and stays out of the average.  Perplexity is lower-is-better, so it is compared as a ratio
 (tailored / dense, above 1 is worse) and never averaged with task scores.
 """
 
@@ -91,19 +92,24 @@ def retention(tailored: Evaluation, dense: Evaluation) -> dict[str, Any]:
         t, d = _score(row), _score({**other, "metric": row.get("metric")})
         if t is None or d is None:
             continue
+        higher = row.get("higher_is_better", True)
+        # Lower-is-better metrics (perplexities) are inverted, so below 1 is worse either way.
+        ratio = (t / d if d > 0 else None) if higher else (d / t if t > 0 else None)
         tasks[name] = {
             "metric": row["metric"],
+            "higher_is_better": higher,
             "tailored": t,
             "dense": d,
-            "retention": t / d if d > 0 else None,
+            "retention": ratio,
         }
     average: dict[str, Any] | None = None
-    if tasks:
-        mean_t = sum(r["tailored"] for r in tasks.values()) / len(tasks)
-        mean_d = sum(r["dense"] for r in tasks.values()) / len(tasks)
-        ratios = [r["retention"] for r in tasks.values() if r["retention"] is not None]
+    scores = {k: r for k, r in tasks.items() if r["higher_is_better"]}  # not perplexities
+    if scores:
+        mean_t = sum(r["tailored"] for r in scores.values()) / len(scores)
+        mean_d = sum(r["dense"] for r in scores.values()) / len(scores)
+        ratios = [r["retention"] for r in scores.values() if r["retention"] is not None]
         average = {
-            "tasks": len(tasks),
+            "tasks": len(scores),
             "tailored": mean_t,
             "dense": mean_d,
             "retention": mean_t / mean_d if mean_d > 0 else None,
@@ -162,7 +168,11 @@ def render_tables(data: dict[str, Any]) -> str:
             if base:
                 other = dense_rows.get(name, {})
                 dense = other.get(metric) if metric else None
-                ratio = value / dense if isinstance(value, float) and dense else None
+                ratio = None
+                if isinstance(value, (int, float)) and isinstance(dense, (int, float)):
+                    higher = row.get("higher_is_better", True)
+                    num, den = (value, dense) if higher else (dense, value)
+                    ratio = num / den if den else None
                 lines.append(
                     f"| {name} | {metric or '-'} | {n} | {_num(value)} | {_num(dense)} "
                     f"| {_pct(ratio)} |"

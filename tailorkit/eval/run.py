@@ -154,7 +154,9 @@ def load_model(
     check_checkpoint_dir(path)
     tok = _load_tokenizer(tokenizer, path)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_dtype(dtype), use_safetensors=True
+        )
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: transformers cannot load it: {e}") from None
     return LoadedModel(loaded.to(target).eval(), tok, ref)

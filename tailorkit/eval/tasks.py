@@ -156,17 +156,21 @@ def primary_metric(metrics: dict[str, float]) -> str | None:
 def parse_results(out: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
     """The requested tasks' metrics from ``simple_evaluate``'s output.
 
-    Each entry: ``{"metric": <primary>, "samples": n, "<metric>": value, ...}``; a
-    group also has ``"subtasks"`` with an entry per member task.
+    Each entry: ``{"metric": <primary>, "higher_is_better": bool, "samples": n,
+    "<metric>": value, ...}``; a group also has ``"subtasks"`` with an entry per member.
     """
     results = out["results"]
     samples = out.get("n-samples", {})
     members = out.get("group_subtasks", {})
+    better = out.get("higher_is_better", {})
 
     def entry(name: str) -> dict[str, Any]:
         metrics = _metrics(results.get(name, {}))
         subs = members.get(name) or []
-        row: dict[str, Any] = {"metric": primary_metric(metrics)}
+        metric = primary_metric(metrics)
+        row: dict[str, Any] = {"metric": metric}
+        if metric is not None:
+            row["higher_is_better"] = bool(better.get(name, {}).get(metric.split("[")[0], True))
         if name in samples:
             row["samples"] = int(samples[name]["effective"])
         elif subs:
