@@ -17,8 +17,10 @@ the text bundled in tailorkit for calibration (Sonnets, Julius Caesar, Areopagit
 neither. At the end the script prints each model's perplexity on each held-out domain and
 writes benchmarks/results/family.json.
 
-    python benchmarks/make_family.py                 # ~25 min on 2 CPU cores (~11 min a variant)
-    python benchmarks/make_family.py --steps 3 --seq-len 64 --eval-windows 2   # smoke test
+    python benchmarks/make_family.py                 # ~31 min on 2 busy CPU cores:
+                                                     # 13 min a variant, 5 min to evaluate
+    TAILORKIT_CACHE=/tmp/tk python benchmarks/make_family.py --steps 3 --seq-len 64 \
+        --eval-windows 2 --json /tmp/family.json     # smoke test (~5 min), real family kept
     python benchmarks/make_family.py --force         # rebuild even if cached
 
 Other benchmarks import the family (building what is missing, with the default settings):

@@ -28,7 +28,7 @@ from tailorkit.checkpoint.writer import (
     shard_names,
     split_shards,
 )
-from tailorkit.errors import TailorkitError
+from tailorkit.errors import CheckpointError, TailorkitError
 from tailorkit.gpu_build import DeviceStreamer, resolve_device
 from tailorkit.plan import Plan, TensorJob
 from tailorkit.recipe import Recipe
@@ -83,17 +83,35 @@ def build(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
             _write_weights(plan, tmp, max_bytes, progress, streamer)
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        _write_text(tmp / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(plan.base, tmp)
-        plan.recipe.to_yaml(tmp / "recipe.yaml")
-        (tmp / "README.md").write_text(readme if readme is not None else default_readme(plan))
+        _write_text(tmp / "recipe.yaml", plan.recipe.to_yaml())
+        _write_text(tmp / "README.md", readme if readme is not None else default_readme(plan))
         for name, src in (extra_files or {}).items():
-            copy = shutil.copytree if Path(src).is_dir() else shutil.copyfile
-            copy(src, tmp / _plain_name(name))
+            _copy(src, tmp / _plain_name(name))
         for name, text in (extra_texts or {}).items():
-            (tmp / _plain_name(name)).write_text(text)
+            _write_text(tmp / _plain_name(name), text)
     log.info("built %s: %s", out_dir, plan.summary())
     return out_dir
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:  # a full disk, most likely: say which file, not a bare errno
+        raise CheckpointError(f"{path}: write failed ({e.strerror or e})") from e
+
+
+def _copy(src: str | Path, dst: Path) -> None:
+    try:
+        if Path(src).is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+    except OSError as e:  # shutil.Error (copytree) is an OSError too
+        raise CheckpointError(
+            f"{dst}: copying {src} failed ({getattr(e, 'strerror', None) or e})"
+        ) from e
 
 
 def _plain_name(name: str) -> str:
@@ -143,7 +161,7 @@ def _write_weights(
     plan.check_unchanged()
     if len(names) > 1:
         index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
 
 def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
@@ -151,17 +169,22 @@ def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
         info = job.inputs[0].info
         writer.copy(job.name, info.file, info.start)
         return
-    at = 0
+    at = done = 0
     for chunk in job.chunks():
         at += writer.write(job.name, chunk, at)
-    job.release()  # drop the mapped source pages: memory stays near one chunk
+        # Drop the mapped source pages behind this chunk: with a tensor of gigabytes,
+        # resident memory stays near one chunk per source, not the whole tensor.
+        job.release(done, done + chunk.numel())
+        done += chunk.numel()
+        del chunk  # so it is freed before the next one is computed
+    job.release()  # pages a slerp reduction or a TIES merge touched
 
 
 def _copy_side_files(base: Source, out: Path) -> None:
     for name in ("generation_config.json", *TOKENIZER_FILES):
         src = base.path / name
         if src.is_file():
-            shutil.copyfile(src, out / name)
+            _copy(src, out / name)
 
 
 def default_readme(plan: Plan) -> str:

@@ -587,6 +587,7 @@ def push_folder(
     secret = resolve_token(token)
     api = HfApi(token=secret)
     message = commit_message or f"Upload {folder.name} (built with tailorkit)"
+    failure: HubError | None = None
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         full_id = url.repo_id or repo_id
@@ -612,15 +613,19 @@ def push_folder(
             404: "the repo or revision was not found",
         }.get(status, "")
         detail = _scrub(str(e).split("\n")[0], secret)
-        raise HubError(
+        failure = HubError(
             f"pushing {folder} to {repo_id} failed: {detail}" + (f" ({hint})" if hint else "")
-        ) from None
+        )
     except Exception as e:
         # The transport's own errors (requests, httpx or httpx2, by huggingface_hub version:
         # a refused connection, a timeout, a bad endpoint) share no base class with OSError.
-        raise HubError(
+        failure = HubError(
             f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {_scrub(str(e), secret)}"
-        ) from None
+        )
+    if failure is not None:
+        # Raised outside the handler: the original error, which may quote the token back
+        # from the server, is not kept even as __context__.
+        raise failure
     result = info.pr_url if create_pr and info.pr_url else info.commit_url
     log.info("pushed %s to %s: %s", folder, full_id, result)
     return str(result)

@@ -115,6 +115,7 @@ def merge_chunks(
         if layer.method != "passthrough":
             check_finite(chunk, where)
         yield chunk
+        del chunk  # written by now: not alive while the next one is computed
 
 
 def merge_tensor(
@@ -130,8 +131,17 @@ def merge_tensor(
     return flat.reshape(inputs[0].shape)
 
 
+FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: check in slices
+
+
 def check_finite(t: torch.Tensor, where: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    step = FINITE_CHECK_ELEMENTS
+    if not all(
+        bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)
+    ):
         bad = int((~torch.isfinite(t)).sum())
         raise MergeError(
             f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"

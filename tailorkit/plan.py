@@ -87,9 +87,11 @@ class TensorJob:
             self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
         )
 
-    def release(self) -> None:
+    def release(self, start: int = 0, end: int | None = None) -> None:
+        """Drop the mapped source pages behind output elements [start, end) (all by default)."""
         for i in self.all_inputs():
-            i.source.release(i.info)
+            size = i.info.dtype.itemsize
+            i.source.release(i.info, start * size, None if end is None else end * size)
 
 
 @dataclass

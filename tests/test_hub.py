@@ -332,7 +332,7 @@ def test_hub_refusal_names_repo_and_hides_token(fake_hub, built, monkeypatch, ca
         push_folder(built, "tk-org/tiny", token=TOKEN)
     text = str(info.value)
     assert "tk-org/tiny" in text and "token was refused" in text
-    assert TOKEN not in text and info.value.__cause__ is None
+    assert TOKEN not in text and info.value.__cause__ is None and info.value.__context__ is None
     assert TOKEN not in caplog.text
 
 

@@ -131,14 +131,18 @@ class Source:
             info.shape
         )
 
-    def release(self, info: TensorInfo) -> None:
-        """Drop the mapped pages of a tensor from this process's memory (the file is untouched)."""
+    def release(self, info: TensorInfo, begin: int = 0, end: int | None = None) -> None:
+        """Drop the mapped pages of a tensor (or of its bytes [begin, end)) from this
+        process's memory; the file is untouched and a later read maps them again."""
         mm = self._maps.get(info.file)
-        if mm is None or info.nbytes == 0:
+        lo, hi = (
+            info.start + begin,
+            info.start + min(info.nbytes, info.nbytes if end is None else end),
+        )
+        if mm is None or hi <= lo:
             return
-        page = mmap.PAGESIZE
-        start = info.start - info.start % page
-        mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        lo -= lo % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def check_unchanged(self) -> None:
         """Fail if a shard changed on disk since its header was validated."""

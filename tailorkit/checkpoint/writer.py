@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ import torch
 
 from tailorkit.checkpoint.safetensors_format import dtype_name, itemsize
 from tailorkit.errors import CheckpointError, TailorkitError
+
+log = logging.getLogger(__name__)
 
 TMP_MARK = ".tailorkit-tmp-"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -203,7 +206,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
             f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
+    for stale in clean_stale(target):
+        log.warning("removed %s, left by a build of %s that was killed", stale, target)
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent)
     )

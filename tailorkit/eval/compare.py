@@ -143,7 +143,7 @@ def _task_rows(tasks: dict[str, Any], indent: str = "") -> list[tuple[str, dict[
     rows = []
     for name, row in tasks.items():
         rows.append((indent + name, row))
-        rows += _task_rows(row.get("subtasks", {}), indent + "&nbsp;&nbsp;")
+        rows += _task_rows(row.get("subtasks", {}), indent + "\u21b3 ")  # "↳ member"
     return rows
 
 

@@ -13,6 +13,7 @@ SOURCE depth (not the output index), and nothing is searched that is not applied
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tailorkit.checkpoint.source import Source
@@ -71,13 +72,15 @@ def gptailor(
         x0 = encode(space, start if isinstance(start, Recipe) else Recipe.load(start))
     if fidelity_windows is not None and fidelity_windows >= len(ctx.windows):
         fidelity_windows = None
+    # The small slice must be whole batches: shrink the batch to divide it.
+    batch = math.gcd(ctx.batch_size, fidelity_windows) if fidelity_windows else ctx.batch_size
     config = EvaluatorConfig(
         base=ctx.base,
         candidates=dict(zip(space.names, space.candidates)),
         windows=ctx.windows,
         objective=parse_objective(objective),
         dtype=dtype,
-        batch_size=ctx.batch_size,
+        batch_size=batch,
         lm_eval=lm_eval,
     )
     settings = SearchSettings(budget, popsize, sigma0, seed, fidelity_windows, reevaluate)
