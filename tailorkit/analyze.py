@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from tailorkit.activations import capture
 from tailorkit.calibration import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
-from tailorkit.prune import calibration_windows, load_base
+from tailorkit.prune import run_calibration
 from tailorkit.similarity import angular_distance, block_influence, cka_matrix, plot_heatmap
 
 
@@ -31,11 +30,16 @@ def analyze(
     """CKA between all layer outputs, Block Influence per layer, angular distance of
     adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
     the CKA on the GPU."""
-    source, stack = load_base(model)
-    windows = calibration_windows(
-        source, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    source, stack, windows, acts = run_calibration(
+        model,
+        calibration,
+        seq_len=seq_len,
+        num_windows=num_windows,
+        seed=seed,
+        batch_size=batch_size,
+        offload=offload,
+        progress=progress,
     )
-    acts = capture(stack, windows, batch_size=batch_size, offload=offload, progress=progress)
     cka = cka_matrix(acts.outputs(), kernel=kernel, device=device)
     influence = block_influence(acts.boundaries())
     angular = angular_distance(acts.boundaries(), 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tailorkit.activations import capture
+from tailorkit.activations import Activations, capture
 from tailorkit.assemble import assemble
 from tailorkit.calibration import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN, token_windows
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
@@ -60,6 +61,27 @@ def calibration_windows(
     )
 
 
+def run_calibration(
+    base: str,
+    calibration: Any,
+    *,
+    seq_len: int,
+    num_windows: int,
+    seed: int,
+    batch_size: int,
+    offload: bool | str | None,
+    progress: bool,
+) -> tuple[Source, DecoderStack, torch.Tensor, Activations]:
+    """Open ``base`` layer by layer and record its activations on the calibration windows:
+    the start that pruning and analysis share."""
+    source, stack = load_base(base)
+    windows = calibration_windows(
+        source, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    )
+    activations = capture(stack, windows, batch_size=batch_size, offload=offload, progress=progress)
+    return source, stack, windows, activations
+
+
 def prune(
     base: str = DEFAULT_MODEL,
     *,
@@ -91,11 +113,22 @@ def prune(
         settings["target_ratio"] = target_ratio
     if method == "gptailor":
         settings.setdefault("seed", seed)  # one seed for the windows and the search
-    source, stack = load_base(base)
-    windows = calibration_windows(
-        source, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    if candidates and method != "gptailor":
+        raise MethodError(f"method {method!r} prunes one model; candidates are for gptailor")
+    try:  # refuse settings the method does not take before any model is loaded
+        inspect.signature(fn).bind(None, **settings)
+    except TypeError as e:
+        raise MethodError(f"method {method!r}: {e}") from e
+    source, stack, windows, activations = run_calibration(
+        base,
+        calibration,
+        seq_len=seq_len,
+        num_windows=num_windows,
+        seed=seed,
+        batch_size=batch_size,
+        offload=offload,
+        progress=progress,
     )
-    activations = capture(stack, windows, batch_size=batch_size, offload=offload, progress=progress)
     work_dir = Path(tempfile.mkdtemp(prefix="tailorkit-prune-"))
     ctx = Context(
         base,
@@ -108,12 +141,7 @@ def prune(
         batch_size,
         progress,
     )
-    if candidates and method != "gptailor":
-        raise MethodError(f"method {method!r} prunes one model; candidates are for gptailor")
-    try:
-        result = fn(ctx, **settings)
-    except TypeError as e:
-        raise MethodError(f"method {method!r}: {e}") from e
+    result = fn(ctx, **settings)
 
     cka = cka_matrix(activations.outputs())
     heatmap = plot_heatmap(

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from tailorkit import ops
 from tailorkit.errors import MethodError
 from tailorkit.methods import Context
 from tailorkit.methods.common import Fused, fused_step
-from tailorkit.similarity import DEFAULT_MINIBATCH, gram_matrices, normalise_hsic
+from tailorkit.similarity import cka_matrix
 
 SIMILARITIES = ("cka", "cosine")
 
@@ -82,14 +81,11 @@ class SuffixScorer:
                 total += float(cos.sum())
                 count += cos.numel()
             return total / count
-        hsic = torch.zeros(2, 2, dtype=torch.float64)
-        for out, ref in zip(outputs, self.reference):
-            pair = torch.stack([out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])])
-            for at in range(0, pair.shape[1], DEFAULT_MINIBATCH):
-                chunk = pair[:, at : at + DEFAULT_MINIBATCH]  # (2, m, d)
-                if chunk.shape[1] >= 4:
-                    hsic += ops.hsic_all_pairs(gram_matrices(chunk, self.kernel))
-        value = float(normalise_hsic(hsic)[0, 1])
+        pairs = (
+            torch.stack([out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])])
+            for out, ref in zip(outputs, self.reference)
+        )  # each (2, B*T, d)
+        value = float(cka_matrix(pairs, kernel=self.kernel)[0, 1])
         if value != value:
             raise MethodError("CKA of the trial model is NaN: its hidden states are not finite")
         return value
