@@ -44,10 +44,6 @@ class Activations:
     def offloaded(self) -> bool:
         return self._scratch is not None
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(t.input_ids.numel() for t in self.traces)
-
     def boundaries(self) -> Iterator[torch.Tensor]:
         """Per batch, all boundaries as one ``(L + 1, B*T, d)`` float32 tensor."""
         for trace in self.traces:

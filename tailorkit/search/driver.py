@@ -74,7 +74,7 @@ def run_search(
     replay = _read_generations(log_path) if resume else []
     if not resume and log_path.exists():
         log_path.unlink()
-    _check_settings(replay, settings, space)
+    _check_settings(replay, settings)
 
     small = settings.fidelity_windows
     generations = max(1, math.ceil(settings.budget / settings.popsize))
@@ -178,7 +178,7 @@ def _read_generations(path: Path) -> list[dict]:
     return records
 
 
-def _check_settings(replay: list[dict], settings: SearchSettings, space: SearchSpace) -> None:
+def _check_settings(replay: list[dict], settings: SearchSettings) -> None:
     if not replay:
         return
     logged, ours = replay[0]["settings"], asdict(settings)

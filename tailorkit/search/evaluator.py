@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -183,7 +182,3 @@ class Evaluator:
             "prefix_hit_rate": reused / (run + reused) if run + reused else 0.0,
             "state_cache_mb": round(self._state_bytes / 2**20, 1),
         }
-
-
-def evaluate_many(evaluator: Evaluator, recipes: Sequence[Recipe], windows: int | None):
-    return [evaluator.evaluate(r, windows) for r in recipes]
