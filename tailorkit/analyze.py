@@ -9,6 +9,7 @@ import torch
 
 from tailorkit.calibration import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
+from tailorkit.devices import resolve_device
 from tailorkit.prune import run_calibration
 from tailorkit.similarity import angular_distance, block_influence, cka_matrix, plot_heatmap
 
@@ -30,6 +31,7 @@ def analyze(
     """CKA between all layer outputs, Block Influence per layer, angular distance of
     adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
     the CKA on the GPU."""
+    device = resolve_device(device) if device is not None else None  # fail before the work
     source, stack, windows, acts = run_calibration(
         model,
         calibration,

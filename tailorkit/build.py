@@ -28,8 +28,9 @@ from tailorkit.checkpoint.writer import (
     shard_names,
     split_shards,
 )
+from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError, TailorkitError
-from tailorkit.gpu_build import DeviceStreamer, resolve_device
+from tailorkit.gpu_build import DeviceStreamer
 from tailorkit.plan import Plan, TensorJob
 from tailorkit.recipe import Recipe
 

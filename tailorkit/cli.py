@@ -137,7 +137,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             settings[key] = getattr(args, key)
     overwrite = args.overwrite
     if args.method == "gptailor":
-        for key in ("budget", "popsize", "objective", "executor", "workers"):
+        for key in ("budget", "popsize", "objective", "executor", "workers", "device"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         if args.out:
@@ -146,8 +146,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             out = Path(args.out)
             settings["search_dir"] = out / "search"
             settings["resume"] = args.resume
-    elif args.candidate or args.resume:
-        raise TailorkitError("--candidate and --resume are for --method gptailor")
+    elif args.candidate or args.resume or args.device:
+        raise TailorkitError("--candidate, --resume and --device are for --method gptailor")
     result = prune(
         args.base,
         method=args.method,
@@ -248,6 +248,11 @@ def _add_analysis_commands(sub) -> None:
         "--executor", choices=["local", "ray"], help="gptailor: where candidates are scored"
     )
     pr.add_argument("--workers", type=int, help="gptailor with --executor ray: Ray workers")
+    pr.add_argument(
+        "--device",
+        help="gptailor: where candidates run: cpu (default), cuda, cuda:N (with --executor "
+        "ray, one GPU per worker)",
+    )
     pr.add_argument(
         "--resume",
         action="store_true",

@@ -58,7 +58,8 @@ import torch
 from tailorkit import ops
 from tailorkit.checkpoint.safetensors_format import itemsize
 from tailorkit.checkpoint.writer import ShardWriter
-from tailorkit.errors import CheckpointError, TailorkitError
+from tailorkit.devices import resolve_device
+from tailorkit.errors import CheckpointError
 from tailorkit.merge import LINEAR_METHODS, check_finite, merge_tensor
 from tailorkit.plan import Input, TensorJob
 
@@ -75,50 +76,6 @@ MAX_LANES = 8
 def default_lanes() -> int:
     """Lanes for this machine: half its cores (reads and writes run in parallel), 2 to 8."""
     return min(MAX_LANES, max(2, (os.cpu_count() or 2) // 2))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device, checked; raises TailorkitError.
-
-    Only looks at CUDA when a CUDA device is asked for.
-    """
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise TailorkitError(
-            f"device {device!r}: not a device name; builds run on 'cpu' (the default), "
-            "'cuda' or 'cuda:N'"
-        ) from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise TailorkitError(
-            f"device {device!r}: builds run on 'cpu' (the default), 'cuda' or 'cuda:N', "
-            f"not on {dev.type}"
-        )
-    if not torch.version.cuda:
-        raise TailorkitError(
-            f"device {device!r} was asked for, but this torch ({torch.__version__}) is built "
-            "without CUDA: install a CUDA build of torch, or build on the CPU (device='cpu', "
-            "the default)"
-        )
-    if not torch.cuda.is_available():
-        raise TailorkitError(
-            f"device {device!r} was asked for, but no CUDA GPU is usable "
-            f"(torch {torch.__version__} has CUDA {torch.version.cuda}, yet "
-            "torch.cuda.is_available() is False): check the NVIDIA driver and "
-            "CUDA_VISIBLE_DEVICES, or build on the CPU (device='cpu')"
-        )
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if not 0 <= index < count:
-        raise TailorkitError(
-            f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
-            f"cuda:{count - 1}"
-        )
-    return torch.device("cuda", index)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from tailorkit import ops
 from tailorkit.build import _write_weights
 from tailorkit.checkpoint.writer import parse_size
 from tailorkit.cli import main as cli
+from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError, MergeError, TailorkitError
-from tailorkit.gpu_build import DeviceStreamer, _Files, resolve_device
+from tailorkit.gpu_build import DeviceStreamer, _Files
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
@@ -150,7 +151,7 @@ def test_lane_reads_report_a_short_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("device", "match"),
-    [("tpu", "builds run on"), ("not a device", "not a device name"), ("mps", "not on mps")],
+    [("tpu", "runs on 'cpu'"), ("not a device", "not a device name"), ("mps", "not on mps")],
 )
 def test_bad_device_names_are_explained(device, match):
     with pytest.raises(TailorkitError, match=match):

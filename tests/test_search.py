@@ -3,7 +3,9 @@ resume, the executors, and the CLI, on a tiny Llama family."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import tailorkit as tk
 from tailorkit.cli import main
+from tailorkit.search import objectives
 from tailorkit.search.driver import LOG_NAME, SearchSettings, run_search
 from tailorkit.search.evaluator import Evaluator, EvaluatorConfig
 from tailorkit.search.executors import LocalExecutor
@@ -35,15 +38,15 @@ def space(family):
     )
 
 
+def _config(family, tokens, **settings) -> EvaluatorConfig:
+    """The tiny family's evaluator settings: two fine-tunes, two batches of 4 windows."""
+    candidates = {"c1": str(family.candidates[0]), "c2": str(family.candidates[1])}
+    return EvaluatorConfig(str(family.base), candidates, tokens, batch_size=4, **settings)
+
+
 @pytest.fixture(scope="module")
 def evaluator(family, tokens):
-    config = EvaluatorConfig(
-        base=str(family.base),
-        candidates={"c1": str(family.candidates[0]), "c2": str(family.candidates[1])},
-        windows=tokens,
-        batch_size=4,
-    )
-    return Evaluator(config)
+    return Evaluator(_config(family, tokens))
 
 
 def test_every_genome_decodes_to_a_valid_recipe_removing_exactly_r(space):
@@ -112,19 +115,64 @@ def test_evaluator_logits_equal_the_assembled_and_built_model(space, evaluator, 
         assert torch.equal(scored, built(input_ids=tokens).logits)
 
 
-def test_kl_objective_matches_a_direct_computation(space, evaluator, tokens):
+def test_token_objectives_match_a_direct_computation(space, family, tokens):
+    config = _config(family, tokens, objective={"kl": 1.0, "loss": 0.5})
+    evaluator = Evaluator(config)
     recipe = space.decode(space.initial([1, 2, 3, 4]))
-    kl = evaluator.evaluate(recipe)
+    got = evaluator.evaluate(recipe)
+    assert evaluator.stats["head_passes"] == 2  # one LM-head pass per batch serves both terms
     base = AutoModelForCausalLM.from_pretrained(space.base)
     cand = tk.assemble(recipe)
     with torch.no_grad():
         p = torch.log_softmax(base(input_ids=tokens).logits.double(), -1)
         q = torch.log_softmax(cand(input_ids=tokens).logits.double(), -1)
-    direct = float((p.exp() * (p - q)).sum(-1).mean())
-    assert kl == pytest.approx(direct, rel=1e-4)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    loss = float(-q[:, :-1].gather(-1, tokens[:, 1:, None]).mean())
+    assert got == pytest.approx(kl + 0.5 * loss, rel=1e-5)
 
 
-def test_prefix_states_are_reused(space, evaluator):
+def test_token_sums_keep_float64_accuracy_over_a_large_vocabulary():
+    # KL from the teacher's cached probabilities (sum p log p - p.z + lse) must not lose
+    # the precision a direct float64 computation has, at a real vocabulary size.
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(2, 16, 49152, generator=g) * 4 + 3
+    student = teacher_logits + torch.randn(2, 16, 49152, generator=g)
+    ids = torch.randint(0, 49152, (2, 16), generator=g)
+    stack = SimpleNamespace(logits=lambda state: state.clone())  # a fresh tensor, as a head gives
+    teacher = objectives.Teacher.of(stack, SimpleNamespace(states=[teacher_logits]))
+    sums = objectives.token_sums(
+        ["kl", "loss"], stack, student, SimpleNamespace(input_ids=ids), teacher
+    )
+    p = torch.log_softmax(teacher_logits.double(), -1)
+    q = torch.log_softmax(student.double(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).sum())
+    loss = float(-q[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+    assert sums["kl"] == (pytest.approx(kl, rel=1e-6), 32)
+    assert sums["loss"] == (pytest.approx(loss, rel=1e-6), 30)
+
+
+def test_lm_eval_objective_scores_the_assembled_candidate_once(space, family, tokens):
+    from transformers import AutoTokenizer
+
+    from tailorkit.eval.tasks import run_tasks
+
+    settings = {"tasks": ["tk_next_line_code"], "limit": 4}
+    config = _config(family, tokens, objective={"kl": 1.0, "lm_eval": 0.5}, lm_eval=settings)
+    evaluator = Evaluator(config)
+    recipe = space.decode(space.initial([1, 2, 3, 4]))
+    got = evaluator.evaluate(recipe)
+    kl = Evaluator(dataclasses.replace(config, objective={"kl": 1.0})).evaluate(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(space.base)
+    row = run_tasks(tk.assemble(recipe), tokenizer, settings["tasks"], limit=settings["limit"])
+    accuracy = row["tk_next_line_code"]["acc_norm"]
+    assert got == pytest.approx(kl + 0.5 * (1 - accuracy), abs=1e-12)
+    assert evaluator.evaluate(recipe) == got  # served from the memo: lm-eval does not run again
+    assert evaluator.stats["scores_reused"] == 3  # two batches and the lm-eval score
+
+
+def test_prefix_states_and_scores_are_reused(space, evaluator):
+    two = len(evaluator.traces)  # counts are per (layer, batch)
+    assert two == 2
     before = dict(evaluator.stats)
     a = space.initial([4, 3, 2, 1])  # keeps 0, 1, 2
     b = a.copy()
@@ -132,13 +180,28 @@ def test_prefix_states_are_reused(space, evaluator):
     evaluator.evaluate(space.decode(a))
     mid = dict(evaluator.stats)
     evaluator.evaluate(space.decode(b))
-    after = evaluator.stats
-    assert after["layers_reused"] - mid["layers_reused"] == 2  # layers 0 and 1
-    assert after["layer_forwards"] - mid["layer_forwards"] == 1
-    evaluator.evaluate(space.decode(a))  # seen before: nothing runs
+    after = dict(evaluator.stats)
+    assert after["layers_reused"] - mid["layers_reused"] == 2 * two  # layers 0 and 1
+    assert after["layer_forwards"] - mid["layer_forwards"] == 1 * two
+    first = evaluator.evaluate(space.decode(a))  # seen before: nothing runs
     assert evaluator.stats["layer_forwards"] == after["layer_forwards"]
+    assert evaluator.stats["scores_reused"] == after["scores_reused"] + two
     assert mid["evaluations"] == before["evaluations"] + 1
-    assert 0 < evaluator.cache_report()["prefix_hit_rate"] < 1
+    report = evaluator.cache_report()
+    assert 0 < report["prefix_hit_rate"] < 1 and 0 < report["layer_work_saved"] < 1
+    # A candidate scored on the small slice (batch 0) reruns only batch 1 at full fidelity.
+    c = a.copy()
+    c[LAYERS + 0 * 2 + 1] = 1.0  # layer 0 from c2
+    evaluator.evaluate(space.decode(c), windows=4)
+    small = dict(evaluator.stats)
+    full = evaluator.evaluate(space.decode(c))
+    assert evaluator.stats["layer_forwards"] - small["layer_forwards"] == LAYERS - 1
+    assert evaluator.stats["scores_reused"] == small["scores_reused"] + 1
+    # The caches change nothing but the time taken.
+    fresh = Evaluator(dataclasses.replace(evaluator.config, caches=False))
+    assert fresh.evaluate(space.decode(c)) == full
+    assert fresh.evaluate(space.decode(a)) == first
+    assert fresh.stats["layers_reused"] == fresh.stats["scores_reused"] == 0
 
 
 def _search(space, evaluator, out_dir, resume=False, budget=18):
@@ -180,13 +243,7 @@ def test_ray_executor_gives_the_local_result(space, family, tokens, tmp_path):
     pytest.importorskip("ray")
     from tailorkit.search.executors import RayExecutor
 
-    config = EvaluatorConfig(
-        base=str(family.base),
-        candidates={"c1": str(family.candidates[0]), "c2": str(family.candidates[1])},
-        windows=tokens,
-        batch_size=4,
-        threads=1,
-    )
+    config = _config(family, tokens, threads=1)
     settings = SearchSettings(budget=12, popsize=6, seed=3, fidelity_windows=4)
     x0 = space.initial([4, 1, 3, 2])
     local = LocalExecutor(config)
@@ -258,3 +315,30 @@ def test_gptailor_bad_settings(family, tokens, settings, message):
             progress=False,
             **kwargs,
         )
+
+
+def test_evaluator_refuses_a_device_it_cannot_use(family, tokens, capsys):
+    config = EvaluatorConfig(base=str(family.base), candidates={}, windows=tokens, device="tpu")
+    with pytest.raises(tk.TailorkitError, match="runs on 'cpu'"):
+        Evaluator(config)
+    assert main(["prune", "--base", str(family.base), "--device", "cuda", "-q"]) != 0
+    assert "--device are for --method gptailor" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_evaluator_on_cuda_agrees_with_the_cpu_and_its_caches_change_nothing(space, family, tokens):
+    config = _config(family, tokens)
+    cpu = Evaluator(config)
+    gpu = Evaluator(dataclasses.replace(config, device="cuda"))
+    uncached = Evaluator(dataclasses.replace(config, device="cuda", caches=False))
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))  # fresh each run
+    genomes = [rng.normal(size=space.dimension) for _ in range(6)]
+    genomes += [g + rng.normal(size=space.dimension) * 0.1 for g in genomes]  # shared prefixes
+    for x in genomes:
+        recipe = space.decode(x)
+        on = gpu.evaluate(recipe, windows=4)
+        assert on == pytest.approx(cpu.evaluate(recipe, windows=4), rel=1e-4, abs=1e-6)
+        assert on == uncached.evaluate(recipe, windows=4)
+        assert gpu.evaluate(recipe) == uncached.evaluate(recipe)
+    assert gpu.stats["layers_reused"] > 0 and gpu.stats["scores_reused"] > 0

@@ -47,6 +47,7 @@ def gptailor(
     executor: str = "local",
     workers: int = 2,
     dtype: str = "float32",
+    device: str = "cpu",
     search_dir: str | Path | None = None,
     resume: bool = False,
     lm_eval: dict | None = None,
@@ -82,10 +83,13 @@ def gptailor(
         dtype=dtype,
         batch_size=batch,
         lm_eval=lm_eval,
+        device=device,
     )
     settings = SearchSettings(budget, popsize, sigma0, seed, fidelity_windows, reevaluate)
     out = Path(search_dir) if search_dir else ctx.work_dir / "search"
-    options = {"workers": workers} if executor == "ray" else {}
+    options = {}
+    if executor == "ray":  # one GPU per actor when the candidates run on GPUs
+        options = {"workers": workers, "gpus_per_worker": 1 if device != "cpu" else 0}
     runner = make_executor(executor, config, **options)
     try:
         result = run_search(space, runner, x0, settings, out, resume=resume, progress=ctx.progress)
@@ -108,6 +112,7 @@ def gptailor(
             "executor": executor,
             "candidates": list(ctx.candidates),
             "dtype": dtype,
+            "device": device,
         },
         "search": {
             "start_fitness": result.start_fitness,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from tailorkit.errors import MethodError
 from tailorkit.recipe import Recipe
-from tailorkit.search.evaluator import Evaluator, EvaluatorConfig
+from tailorkit.search.evaluator import Evaluator, EvaluatorConfig, layer_key, summarise
 
 EXECUTORS = ("local", "ray")
 
@@ -72,20 +72,23 @@ class RayExecutor:
         self.actors = [actor.remote(config) for _ in range(max(1, workers))]
 
     def map(self, recipes: Sequence[Recipe], windows: int | None) -> list[float]:
-        futures = [
-            self.actors[i % len(self.actors)].evaluate.remote(r.to_dict(), windows)
-            for i, r in enumerate(recipes)
-        ]
-        return [float(x) for x in self.ray.get(futures)]
+        # Each actor has caches of its own: give each a contiguous run of the recipes in
+        # layer order, so candidates that share a prefix meet in the same cache.
+        keys = [repr([layer_key(x) for x in r.output_layers()]) for r in recipes]
+        order = sorted(range(len(recipes)), key=keys.__getitem__)
+        share = -(-len(recipes) // len(self.actors))
+        futures = {
+            i: self.actors[n // share].evaluate.remote(recipes[i].to_dict(), windows)
+            for n, i in enumerate(order)
+        }
+        return [float(self.ray.get(futures[i])) for i in range(len(recipes))]
 
     def cache_report(self) -> dict:
         reports = self.ray.get([a.cache_report.remote() for a in self.actors])
-        total = {k: sum(r[k] for r in reports) for k in ("evaluations", "layer_forwards")}
-        total["layers_reused"] = sum(r["layers_reused"] for r in reports)
-        seen = total["layer_forwards"] + total["layers_reused"]
-        total["prefix_hit_rate"] = total["layers_reused"] / seen if seen else 0.0
-        total["workers"] = len(reports)
-        return total
+        counts = {
+            k: sum(r[k] for r in reports) for k in reports[0] if isinstance(reports[0][k], int)
+        }
+        return {**summarise(counts), "workers": len(reports)}
 
     def close(self) -> None:
         for a in self.actors:

@@ -12,7 +12,9 @@ Several can be combined with weights: ``{"kl": 1.0, "loss": 0.5}``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -43,35 +45,63 @@ def parse_objective(spec: str | dict[str, float]) -> dict[str, float]:
     return weights
 
 
-@torch.no_grad()
-def teacher_log_probs(stack: DecoderStack, trace: Trace) -> torch.Tensor:
-    """The base model's next-token log-probabilities on one batch, ``(B, T, V)`` float32."""
-    return torch.log_softmax(stack.logits(trace.states[-1]).float(), dim=-1)
+@dataclass
+class Teacher:
+    """The base model's next-token distribution on one batch, kept for the ``kl`` objective.
+
+    ``probs`` ``(B, T, V)``, ``neg_entropy`` (``sum p log p``) and ``mass`` (``sum p``:
+    1 up to rounding, but the rounding times a log-sum-exp is not negligible), both
+    ``(B, T)`` float64, are computed once, so a candidate's KL needs only its logits'
+    log-sum-exp and one product per token: ``KL = sum p log p - p . z + mass * lse(z)``.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    mass: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, stack: DecoderStack, trace: Trace) -> Teacher:
+        # In float64: a float32 log-softmax shifts every entry by the rounding error of
+        # its log-sum-exp, which moves the mass by ~1e-6, times lse(z) on every token.
+        logp = torch.log_softmax(stack.logits(trace.states[-1]).double(), dim=-1)
+        probs = logp.exp()
+        return cls(probs.float(), (probs * logp).sum(-1), probs.sum(-1))
 
 
 @torch.no_grad()
-def token_objective(
-    name: str,
-    stack: DecoderStack,
-    states: Sequence[torch.Tensor],
-    traces: Sequence[Trace],
-    teacher: Sequence[torch.Tensor],
-) -> float:
-    total, count = 0.0, 0
-    for state, trace, t_logp in zip(states, traces, teacher):
-        logp = torch.log_softmax(stack.logits(state).float(), dim=-1)  # (B, T, V)
-        if name == "kl":
-            per_token = (t_logp.exp() * (t_logp - logp)).sum(-1)  # (B, T)
-        elif name == "loss":
-            targets = trace.input_ids[:, 1:]
-            per_token = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        else:
+def token_sums(
+    names: Sequence[str], stack: DecoderStack, state: torch.Tensor, trace: Trace, teacher: Teacher
+) -> dict[str, tuple[float, int]]:
+    """For each token objective in ``names``: (sum over tokens, token count) on one batch.
+
+    One pass of the LM head serves them all. The logits are worked on in place (they
+    are ``stack.logits``' fresh output): at a 49k vocabulary every ``(B, T, V)`` pass
+    costs about as much as a decoder layer.
+    """
+    for name in names:
+        if name not in TOKEN_OBJECTIVES:
             raise MethodError(f"unknown token objective {name!r}")
-        total += float(per_token.double().sum())
-        count += per_token.numel()
+    z = stack.logits(state).float()  # (B, T, V)
+    # Shift each token's logits by their max (KL and loss do not change): the sums below
+    # then stay near zero, where float32 keeps the digits a logit of ~20 would lose.
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    cross = (teacher.probs * z).sum(-1).double() if "kl" in names else None
+    targets = trace.input_ids[:, 1:].unsqueeze(-1)
+    picked = z[:, :-1].gather(-1, targets).squeeze(-1).double() if "loss" in names else None
+    lse = z.exp_().sum(-1).log().double()  # (B, T); z is spent
+    per_token = {}
+    if "kl" in names:
+        per_token["kl"] = teacher.neg_entropy - cross + teacher.mass * lse
+    if "loss" in names:
+        per_token["loss"] = lse[:, :-1] - picked
+    return {n: (float(per_token[n].sum()), per_token[n].numel()) for n in names}
+
+
+def mean_or_fail(name: str, total: float, count: int) -> float:
     value = total / count
-    if value != value:
-        raise MethodError(f"objective {name} is NaN: the candidate's logits are not finite")
+    if not math.isfinite(value):
+        raise MethodError(f"objective {name} is {value}: the candidate's logits are not finite")
     return value
 
 

@@ -1,0 +1,52 @@
+"""Which device a computation runs on: one check, with errors that say what to do."""
+
+from __future__ import annotations
+
+import torch
+
+from tailorkit.errors import TailorkitError
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device, checked; raises TailorkitError.
+
+    Only looks at CUDA when a CUDA device is asked for, so the CPU path never
+    initialises it.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise TailorkitError(
+            f"device {device!r}: not a device name; tailorkit runs on 'cpu' (the default), "
+            "'cuda' or 'cuda:N'"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise TailorkitError(
+            f"device {device!r}: tailorkit runs on 'cpu' (the default), 'cuda' or 'cuda:N', "
+            f"not on {dev.type}"
+        )
+    if not torch.version.cuda:
+        raise TailorkitError(
+            f"device {device!r} was asked for, but this torch ({torch.__version__}) is built "
+            "without CUDA: install a CUDA build of torch, or run on the CPU (device='cpu', "
+            "the default)"
+        )
+    if not torch.cuda.is_available():
+        raise TailorkitError(
+            f"device {device!r} was asked for, but no CUDA GPU is usable "
+            f"(torch {torch.__version__} has CUDA {torch.version.cuda}, yet "
+            "torch.cuda.is_available() is False): check the NVIDIA driver and "
+            "CUDA_VISIBLE_DEVICES, or run on the CPU (device='cpu')"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < count:
+        raise TailorkitError(
+            f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}"
+        )
+    return torch.device("cuda", index)
