@@ -509,13 +509,25 @@ def check_built_folder(folder: str | Path) -> Path:
 
 
 def folder_files(folder: Path) -> list[str]:
-    """Every file under ``folder`` (POSIX paths relative to it) but VCS and cache folders."""
+    """Every file under ``folder`` (POSIX paths relative to it) but VCS and cache folders.
+
+    A symlink that leads out of ``folder`` is refused: uploading it would publish
+    whatever it points at (a key, a token file) under an innocent name.
+    """
     skip = {".git", ".cache", "__pycache__"}
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and not skip.intersection(p.relative_to(folder).parts)
-    )
+    root = folder.resolve()
+    files = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if skip.intersection(rel.parts) or not p.is_file():
+            continue
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            raise HubError(
+                f"{p}: a symlink to {p.resolve()}, outside {folder}; refusing to upload it "
+                "(copy the file into the folder if it belongs there)"
+            )
+        files.append(rel.as_posix())
+    return sorted(files)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -584,6 +596,7 @@ def push_folder(
 
     folder = check_built_folder(folder)
     check_repo_id(repo_id)
+    files = folder_files(folder)  # before the repo is created: a refused link stops it all
     secret = resolve_token(token)
     api = HfApi(token=secret)
     message = commit_message or f"Upload {folder.name} (built with tailorkit)"
@@ -599,7 +612,7 @@ def push_folder(
             repo_id=full_id,
             operations=[
                 CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
-                for rel in folder_files(folder)
+                for rel in files
             ],
             commit_message=message,
             revision=revision,

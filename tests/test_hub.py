@@ -250,6 +250,24 @@ def test_push_uploads_every_file_intact_in_one_commit(fake_hub, built, caplog):
     assert TOKEN not in caplog.text and all(TOKEN not in str(r.args) for r in caplog.records)
 
 
+def test_push_refuses_a_symlink_out_of_the_folder(fake_hub, built, tmp_path):
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("not for the Hub")
+    (built / "notes.txt").symlink_to(secret)
+    (built / "card.md").symlink_to(built / "README.md")  # inside the folder: uploaded as a file
+    try:
+        with pytest.raises(HubError, match=r"notes\.txt: a symlink to .*id_ed25519, outside"):
+            push_folder(built, "tk-org/leaky", token=TOKEN)
+        assert fake_hub.repos == {} and fake_hub.commits == []  # refused before any request
+        (built / "notes.txt").unlink()
+        push_folder(built, "tk-org/linked", token=TOKEN)
+        files = fake_hub.commits[-1]["files"]
+        assert files["card.md"] == (built / "README.md").read_bytes()
+    finally:
+        for name in ("notes.txt", "card.md"):
+            (built / name).unlink(missing_ok=True)
+
+
 def test_push_existing_repo_branch_and_pull_request(fake_hub, built):
     push_folder(built, "tk-org/tiny", token=TOKEN)
     url = push_folder(built, "tk-org/tiny", token=TOKEN, create_pr=True, commit_message="v2")
