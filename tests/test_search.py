@@ -131,6 +131,19 @@ def test_token_objectives_match_a_direct_computation(space, family, tokens):
     assert got == pytest.approx(kl + 0.5 * loss, rel=1e-5)
 
 
+def test_a_small_state_cache_stays_in_its_bound_and_changes_nothing(space, family, tokens):
+    probe = Evaluator(_config(family, tokens))
+    state = probe.traces[0].states[0]
+    bound = 3 * state.numel() * state.element_size()  # room for three prefix states
+    small = Evaluator(_config(family, tokens, state_cache_bytes=bound))
+    rng = np.random.default_rng(5)
+    for _ in range(8):
+        recipe = space.decode(rng.normal(size=space.dimension))
+        assert small.evaluate(recipe) == probe.evaluate(recipe)
+        assert 0 < small._state_bytes <= bound
+    assert small.stats["layer_forwards"] > probe.stats["layer_forwards"]  # it evicted
+
+
 def test_token_sums_keep_float64_accuracy_over_a_large_vocabulary():
     # KL from the teacher's cached probabilities (sum p log p - p.z + lse) must not lose
     # the precision a direct float64 computation has, at a real vocabulary size.
@@ -302,6 +315,7 @@ def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factor
         ({"objective": "accuracy"}, "unknown objective 'accuracy'"),
         ({"target_ratio": 0.99}, "cannot be reached"),
         ({"executor": "slurm"}, "executor must be one of local, ray"),
+        ({"state_cache": "lots"}, "state_cache 'lots': expected a number with a unit"),
     ],
 )
 def test_gptailor_bad_settings(family, tokens, settings, message):

@@ -48,18 +48,18 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "shard size") -> int:
     """'5GB' -> 5_000_000_000 (decimal, as transformers counts), '1GiB' -> 2**30."""
     if isinstance(text, int):
         return text
     m = _SIZE.match(text)
     if not m or (m[2] or "").upper() not in _UNITS:
         raise TailorkitError(
-            f"shard size {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 1GiB"
+            f"{what} {text!r}: expected a number with a unit, e.g. 5GB, 500MB, 1GiB"
         )
     size = int(float(m[1]) * _UNITS[(m[2] or "").upper()])
     if size <= 0:
-        raise TailorkitError(f"shard size {text!r} must be positive")
+        raise TailorkitError(f"{what} {text!r} must be positive")
     return size
 
 

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from tailorkit.checkpoint.source import Source
+from tailorkit.checkpoint.writer import parse_size
 from tailorkit.errors import MethodError
 from tailorkit.methods import Context, MethodResult, register
 from tailorkit.methods.common import removal_budget
@@ -48,6 +49,7 @@ def gptailor(
     workers: int = 2,
     dtype: str = "float32",
     device: str = "cpu",
+    state_cache: str | int = "1GiB",
     search_dir: str | Path | None = None,
     resume: bool = False,
     lm_eval: dict | None = None,
@@ -84,6 +86,7 @@ def gptailor(
         batch_size=batch,
         lm_eval=lm_eval,
         device=device,
+        state_cache_bytes=parse_size(state_cache, "state_cache"),
     )
     settings = SearchSettings(budget, popsize, sigma0, seed, fidelity_windows, reevaluate)
     out = Path(search_dir) if search_dir else ctx.work_dir / "search"
@@ -113,6 +116,7 @@ def gptailor(
             "candidates": list(ctx.candidates),
             "dtype": dtype,
             "device": device,
+            "state_cache": state_cache,
         },
         "search": {
             "start_fitness": result.start_fitness,
