@@ -16,6 +16,7 @@ Goal: at least 3x more evaluations per minute with the caches than without.
 
     python benchmarks/search_speed.py            # SmolLM2 family from make_family.py
     python benchmarks/search_speed.py --budget 24 --no-naive   # a quick look
+    python benchmarks/search_speed.py --family random --device cuda   # on a bare GPU machine
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ class NaiveExecutor:
 
     def __init__(self, config: EvaluatorConfig):
         self.config = config
-        self.batches = config.windows.split(config.batch_size)
+        self.batches = config.windows.to(config.device).split(config.batch_size)
         layers = Source(config.base).num_layers
-        base = tk.assemble(identity_recipe(config.base, layers), dtype=config.dtype)
+        base = self._model(identity_recipe(config.base, layers))
         self.teacher = [self._logp(base, batch) for batch in self.batches]
         self.evaluations = 0
+
+    def _model(self, recipe):
+        return tk.assemble(recipe, dtype=self.config.dtype).to(self.config.device)
 
     def _logp(self, model, batch):
         with torch.no_grad():
@@ -65,7 +69,7 @@ class NaiveExecutor:
         out = []
         for recipe in recipes:
             self.evaluations += 1
-            model = tk.assemble(recipe, dtype=self.config.dtype)
+            model = self._model(recipe)
             count = len(self.batches) if windows is None else windows // self.config.batch_size
             total = tokens = 0
             for batch, teacher in zip(self.batches[:count], self.teacher[:count]):
@@ -77,6 +81,41 @@ class NaiveExecutor:
 
     def cache_report(self) -> dict:
         return {"evaluations": self.evaluations}
+
+
+def random_family(root: Path) -> dict[str, Path]:
+    """A base with SmolLM2-135M's shape and random weights, and two variants of it (the
+    base plus noise): the same per-candidate cost as the trained family, made in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
+    paths = {name: root / name for name in ("base", "code", "verse")}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, (name, path) in enumerate(paths.items()):
+        if i:
+            g = torch.Generator().manual_seed(i)
+            model.load_state_dict(
+                {
+                    k: v + 0.2 * v.float().std() * torch.randn(v.shape, generator=g).to(v.dtype)
+                    for k, v in base.items()
+                }
+            )
+        model.save_pretrained(path)
+    return paths
 
 
 def start_genome(space: SearchSpace, executor: LocalExecutor, how: str):
@@ -100,17 +139,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--start", choices=("block-influence", "middle"), default="block-influence")
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop")
+    p.add_argument("--device", default="cpu", help="where candidates run: cpu, cuda")
+    p.add_argument(
+        "--family",
+        choices=("trained", "random"),
+        default="trained",
+        help="trained: make_family.py's SmolLM2 variants; random: random weights of SmolLM2's "
+        "shape (for machines without the family; the search's path differs)",
+    )
+    p.add_argument("--random-dir", default="/tmp/tailorkit-random-family")
     p.add_argument("--json", default="benchmarks/results/search_speed.json")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    family = family_paths()
+    if args.family == "random":
+        family = random_family(Path(args.random_dir))
+        windows = torch.randint(
+            0, 49152, (args.windows, args.seq_len), generator=torch.Generator().manual_seed(0)
+        )
+    else:
+        family = family_paths()
     base, candidates = str(family["base"]), [str(family[k]) for k in family if k != "base"]
     source = Source(base)
-    windows = token_windows(
-        AutoTokenizer.from_pretrained(source.path), seq_len=args.seq_len, num_windows=args.windows
-    )
+    if args.family != "random":
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        windows = token_windows(tokenizer, seq_len=args.seq_len, num_windows=args.windows)
     space = SearchSpace(
         base=base,
         candidates=tuple(candidates),
@@ -130,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         candidates=dict(zip(space.names, candidates)),
         windows=windows,
         batch_size=args.fidelity,
+        device=args.device,
     )
     runs = {
         "caches on": lambda: LocalExecutor(config),
