@@ -131,7 +131,7 @@ def start_genome(space: SearchSpace, executor: LocalExecutor, how: str):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--budget", type=int, default=48)
+    p.add_argument("--budget", type=int, default=120, help="evaluations (the gptailor default)")
     p.add_argument("--popsize", type=int, default=12)
     p.add_argument("--sigma0", type=float, default=SearchSettings.sigma0)
     p.add_argument("--windows", type=int, default=8, help="calibration windows (all fidelity)")
