@@ -10,20 +10,28 @@ Every function takes the device ("cuda", or "cpu" for a dry run).
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 from tailorkit import ops
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The float64 oracles and bounds the unit tests hold the kernels to (tests/oracles.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from oracles import (  # noqa: E402
+    DTYPES,
+    UNIT_ROUNDOFF,
+    excess_error,
+    guards_intact,
+    hsic_pairwise,
+    hsic_scale,
+    placed,
+    poisoned_out,
+    ties_float64,
+)
+
 NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
-UNIT_ROUNDOFF = {
-    torch.float32: 2.0**-24,
-    torch.bfloat16: 2.0**-8,
-    torch.float16: 2.0**-11,
-    torch.float64: 2.0**-53,
-}
-GUARD = 16
 
 
 def log(msg: str) -> None:
@@ -34,35 +42,6 @@ def free_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-def to_device(x: torch.Tensor, offset: int, device: str) -> torch.Tensor:
-    """A copy of the 1-D tensor x on ``device``, ``offset`` elements into a larger buffer."""
-    buffer = torch.empty(offset + x.numel(), dtype=x.dtype, device=device)
-    view = buffer[offset:]
-    view.copy_(x)
-    return view
-
-
-def poisoned_out(n: int, dtype: torch.dtype, offset: int, device: str):
-    buffer = torch.full((2 * GUARD + offset + n,), float("nan"), dtype=dtype, device=device)
-    return buffer, buffer[GUARD + offset : GUARD + offset + n]
-
-
-def guards_intact(buffer: torch.Tensor, offset: int, n: int) -> bool:
-    before = buffer[: GUARD + offset]
-    after = buffer[GUARD + offset + n :]
-    return bool(before.isnan().all()) and bool(after.isnan().all())
-
-
-def within_bound(result: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> float:
-    """max(|result - exact| - allowed) where allowed = u_out |exact| + bound; <= 0 passes."""
-    u = UNIT_ROUNDOFF[result.dtype]
-    err = (result.double() - exact).abs()
-    allowed = u * exact.abs() + (1 + u) * bound
-    if result.dtype == torch.float16:
-        allowed = allowed + 2.0**-25  # underflow near 0
-    return float((err - allowed).max()) if err.numel() else 0.0
 
 
 class Checks:
@@ -111,14 +90,14 @@ def check_weighted_sum(checks: Checks, gen: torch.Generator, size: dict, device:
             offsets = [0] * (k + 1)  # the aligned (vector) path at scale too
         sources = [normal(n, dev_gen, device).to(d) for d in dtypes]
         weights = (torch.rand(k, generator=gen, dtype=torch.float64) * 4 - 2).tolist()
-        gpu = [to_device(s, off, device) for s, off in zip(sources, offsets)]
+        gpu = [placed(s, off, device) for s, off in zip(sources, offsets)]
         buffer, out = poisoned_out(n, out_dtype, offsets[-1], device)
         ops.weighted_sum(gpu, weights, out_dtype, out=out)
         got = out.cpu()
         want = ops._weighted_sum_reference(sources, weights, out_dtype)
         exact = sum(w * s.double() for s, w in zip(sources, weights))
         magnitude = sum(abs(w) * s.double().abs() for s, w in zip(sources, weights))
-        excess = within_bound(got, exact, (2 * k + 1) * 2.0**-24 * magnitude)
+        excess = excess_error(got, exact, (2 * k + 1) * 2.0**-24 * magnitude)
         bitwise = torch.equal(got, want)
         guards = guards_intact(buffer, offsets[-1], n)
         case = f"K={k} src={'/'.join(NAMES[d] for d in dtypes)} out={NAMES[out_dtype]} n={n} off={offsets}"
@@ -171,18 +150,6 @@ def check_huge(checks: Checks, gen: torch.Generator, size: dict, device: str) ->
     free_memory(device)
 
 
-def _ties_float64(base, sources, thresholds, lam):
-    b = base.double()
-    taus = [s.double() - b for s in sources]
-    kept = [torch.where(t.abs() >= thr, t, 0.0) for t, thr in zip(taus, thresholds)]
-    elected = torch.sign(sum(kept))
-    agree = [(torch.sign(k) == elected) & (k != 0) for k in kept]
-    num = sum(torch.where(a, k, 0.0) for a, k in zip(agree, kept))
-    cnt = sum(a.double() for a in agree)
-    mean = torch.where(cnt > 0, num / cnt.clamp(min=1), 0.0)
-    return b + lam * mean, b.abs() + abs(lam) * mean.abs()
-
-
 def check_ties(checks: Checks, gen: torch.Generator, size: dict, device: str) -> None:
     dev_gen = device_generator(gen, device)
     sizes = size["ties_sizes"]
@@ -205,8 +172,8 @@ def check_ties(checks: Checks, gen: torch.Generator, size: dict, device: str) ->
                     density = [1.0, 0.7, 0.5, 0.2][k % 4]
                     thresholds = ops.ties_thresholds(base, sources, density)
                     lam = float(torch.rand((), generator=gen)) * 2
-                    gpu_base = to_device(base, offsets[k], device)
-                    gpu_sources = [to_device(s, off, device) for s, off in zip(sources, offsets)]
+                    gpu_base = placed(base, offsets[k], device)
+                    gpu_sources = [placed(s, off, device) for s, off in zip(sources, offsets)]
                     buffer, out = poisoned_out(n, out_dtype, offsets[-1], device)
                     ops.ties_merge(gpu_base, gpu_sources, thresholds, lam, out_dtype, out=out)
                     got = out.cpu()
@@ -221,8 +188,8 @@ def check_ties(checks: Checks, gen: torch.Generator, size: dict, device: str) ->
                     }
                     ok = bitwise and guards and gpu_thresholds == thresholds
                     if grid:
-                        exact, magnitude = _ties_float64(base, sources, thresholds, lam)
-                        excess = within_bound(got, exact, 4 * 2.0**-24 * magnitude)
+                        exact, magnitude = ties_float64(base, sources, thresholds, lam)
+                        excess = excess_error(got, exact, 4 * 2.0**-24 * magnitude)
                         detail["excess_over_bound"] = excess
                         ok = ok and excess <= 0
                     case = (
@@ -230,37 +197,6 @@ def check_ties(checks: Checks, gen: torch.Generator, size: dict, device: str) ->
                         f"n={n} off={offsets} {'grid' if grid else 'normal'}"
                     )
                     checks.add("ties_merge", case, ok, **detail)
-
-
-def _hsic_pairwise(grams: torch.Tensor) -> torch.Tensor:
-    g = grams.double()
-    layers, n, _ = g.shape
-    ones = torch.ones(n, dtype=torch.float64, device=g.device)
-    out = torch.empty(layers, layers, dtype=torch.float64)
-    for i in range(layers):
-        k = g[i] - torch.diag(torch.diagonal(g[i]))
-        for j in range(layers):
-            m = g[j] - torch.diag(torch.diagonal(g[j]))
-            out[i, j] = float(
-                (
-                    torch.trace(k @ m)
-                    + (ones @ k @ ones) * (ones @ m @ ones) / ((n - 1) * (n - 2))
-                    - 2.0 / (n - 2) * (ones @ k @ m @ ones)
-                )
-                / (n * (n - 3))
-            )
-    return out
-
-
-def _hsic_scale(grams: torch.Tensor) -> torch.Tensor:
-    a = grams.double().abs()
-    a = a - torch.diag_embed(torch.diagonal(a, dim1=1, dim2=2))
-    n = a.shape[1]
-    flat = a.reshape(a.shape[0], -1)
-    rows = a.sum(dim=2)
-    totals = rows.sum(dim=1)
-    terms = flat @ flat.T + torch.outer(totals, totals) / ((n - 1) * (n - 2))
-    return (terms + rows @ rows.T * (2.0 / (n - 2))) / (n * (n - 3))
 
 
 def check_hsic(checks: Checks, gen: torch.Generator, size: dict, device: str) -> None:
@@ -280,15 +216,15 @@ def check_hsic(checks: Checks, gen: torch.Generator, size: dict, device: str) ->
             gpu.copy_(grams)
             got = ops.hsic_all_pairs(gpu).cpu()
             exact = (
-                _hsic_pairwise(grams)
+                hsic_pairwise(grams)
                 if layers * n <= 2048
                 else ops._hsic_all_pairs_reference(grams.double())
             )
-            bound = (n * n + 2 * n + 10) * UNIT_ROUNDOFF[dtype] * _hsic_scale(grams)
+            bound = (n * n + 2 * n + 10) * UNIT_ROUNDOFF[dtype] * hsic_scale(grams)
             excess = float(((got - exact).abs() - bound).max())
             ref = ops._hsic_all_pairs_reference(gpu).cpu()
             ref_excess = float(((ref - exact).abs() - bound).max())
-            relative = float(((got - exact).abs() / _hsic_scale(grams)).max())
+            relative = float(((got - exact).abs() / hsic_scale(grams)).max())
             checks.add(
                 "hsic_all_pairs",
                 f"L={layers} n={n} {NAMES[dtype]} offset={offset}",
@@ -348,7 +284,7 @@ def check_merge_methods(checks: Checks, gen: torch.Generator, size: dict, device
                 x, y = a.double(), b.double()
                 omega = torch.arccos((x * y).sum() / (x.norm() * y.norm()))
                 exact = (torch.sin(0.7 * omega) * x + torch.sin(0.3 * omega) * y) / torch.sin(omega)
-                excess = within_bound(gpu, exact, 8 * 2.0**-24 * (x.abs() + y.abs()))
+                excess = excess_error(gpu, exact, 8 * 2.0**-24 * (x.abs() + y.abs()))
                 detail["excess_over_bound"] = excess
                 ok = ok and excess <= 0
             else:
@@ -365,7 +301,7 @@ def check_merge_methods(checks: Checks, gen: torch.Generator, size: dict, device
                         bb = base.double()
                         exact = bb + 0.6 * ((t[0] - bb) + 0.5 * (t[1] - bb))
                         mag = bb.abs() + 0.6 * (t[0].abs() + 0.5 * t[1].abs() + 1.5 * bb.abs())
-                    excess = within_bound(gpu, exact, 8 * 2.0**-24 * mag)
+                    excess = excess_error(gpu, exact, 8 * 2.0**-24 * mag)
                     detail["excess_over_bound"] = excess
                     ok = ok and excess <= 0
             checks.add(f"merge.{method}", f"shape={shape} out={NAMES[out_dtype]}", ok, **detail)

@@ -7,6 +7,7 @@ model with ``shutil.copytree`` before changing it).
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,15 @@ def pytest_configure(config):
     # if the suite is ever run without it.
     if not any(line.split(":")[0].strip() == "slow" for line in config.getini("markers")):
         config.addinivalue_line("markers", "slow: long-running tests (real models)")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator seeded from os.urandom for fresh inputs every run; the seed is printed
+    (pytest shows it for a failing test) and TAILORKIT_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("TAILORKIT_TEST_SEED", int.from_bytes(os.urandom(8), "little")))
+    print(f"random seed: TAILORKIT_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 class Family(NamedTuple):

@@ -10,21 +10,19 @@ formula. Neither is bit-exact (BLAS sums in its own order), so each must stay
 within a worst-case rounding bound: every term is a sum of at most n^2
 products, each rounded at most n^2 + 2n + 10 times by the unit roundoff u of
 the products' dtype (float32 or float64), relative to the same sum taken over
-absolute values (``_scale`` below).
+absolute values (``oracles.hsic_scale``).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from oracles import UNIT_ROUNDOFF, hsic_pairwise, hsic_scale
 
 from tailorkit import ops
 
 DTYPES = [torch.float32, torch.float64]
 DTYPE_IDS = ["f32", "f64"]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # (L, n): a single layer, odd n (no 16-byte rows on the GPU), the minimum n = 4,
 # and sizes where n is a multiple of the vector width.
 SHAPES = [(1, 4), (2, 5), (3, 17), (5, 64), (4, 101), (8, 128)]
@@ -47,13 +45,6 @@ DEVICES = [
 ]
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("TAILORKIT_TEST_SEED", int.from_bytes(os.urandom(8), "little")))
-    print(f"random seed: TAILORKIT_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def random_grams(layers: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """(L, n, n) linear Gram matrices of random features, some centred, some not."""
     d = 2 * n + 3
@@ -65,41 +56,10 @@ def random_grams(layers: int, n: int, dtype: torch.dtype, gen: torch.Generator) 
     return grams.to(dtype)
 
 
-def hsic_loop(grams: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC for every pair, one pair at a time, in float64, from the formula."""
-    g = grams.double()
-    layers, n, _ = g.shape
-    ones = torch.ones(n, dtype=torch.float64)
-    out = torch.empty(layers, layers, dtype=torch.float64)
-    for i in range(layers):
-        for j in range(layers):
-            k = g[i] - torch.diag(torch.diagonal(g[i]))
-            m = g[j] - torch.diag(torch.diagonal(g[j]))
-            out[i, j] = (
-                torch.trace(k @ m)
-                + (ones @ k @ ones) * (ones @ m @ ones) / ((n - 1) * (n - 2))
-                - 2.0 / (n - 2) * (ones @ k @ m @ ones)
-            ) / (n * (n - 3))
-    return out
-
-
-def _scale(grams: torch.Tensor) -> torch.Tensor:
-    """The estimator's terms taken over |Kt|: what rounding errors are relative to."""
-    a = grams.double().abs()
-    a = a - torch.diag_embed(torch.diagonal(a, dim1=1, dim2=2))
-    n = a.shape[1]
-    flat = a.reshape(a.shape[0], -1)
-    rows = a.sum(dim=2)
-    totals = rows.sum(dim=1)
-    terms = flat @ flat.T + torch.outer(totals, totals) / ((n - 1) * (n - 2))
-    terms = terms + rows @ rows.T * (2.0 / (n - 2))
-    return terms / (n * (n - 3))
-
-
 def assert_within_rounding(got: torch.Tensor, grams: torch.Tensor, exact: torch.Tensor) -> None:
     n = grams.shape[1]
     u = UNIT_ROUNDOFF[grams.dtype]
-    bound = (n * n + 2 * n + 10) * u * _scale(grams)
+    bound = (n * n + 2 * n + 10) * u * hsic_scale(grams)
     err = (got.double().cpu() - exact).abs()
     worst = (err - bound).max().item()
     assert worst <= 0, f"error exceeds the rounding bound by {worst:g}"
@@ -111,7 +71,7 @@ def test_reference_matches_the_pairwise_formula(layers, n, dtype, gen):
     grams = random_grams(layers, n, dtype, gen)
     got = ops._hsic_all_pairs_reference(grams)
     assert got.dtype == torch.float64 and got.shape == (layers, layers)
-    assert_within_rounding(got, grams, hsic_loop(grams))
+    assert_within_rounding(got, grams, hsic_pairwise(grams))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,7 +85,7 @@ def test_kernel_matches_formula_and_reference(device, layers, n, dtype, gen):
     assert got.dtype == torch.float64 and got.shape == (layers, layers)
     assert got.device.type == device
     assert torch.equal(got, got.T), "the kernel's result is exactly symmetric"
-    exact = hsic_loop(grams)
+    exact = hsic_pairwise(grams)
     assert_within_rounding(got, grams, exact)
     reference = ops._hsic_all_pairs_reference(grams.to(device))
     assert_within_rounding(reference, grams, exact)
@@ -141,7 +101,7 @@ def test_kernel_on_offset_and_strided_inputs(device, n, gen):
     buffer = torch.empty(1 + grams.numel(), dtype=torch.float32, device=device)
     offset = buffer[1:].view(grams.shape)  # (L, n, n), misaligned by 4 bytes
     offset.copy_(grams)
-    exact = hsic_loop(grams)
+    exact = hsic_pairwise(grams)
     assert_within_rounding(ops.hsic_all_pairs(offset), grams, exact)
     transposed = grams.to(device).transpose(1, 2)  # symmetric, so the same matrices
     assert_within_rounding(ops.hsic_all_pairs(transposed), grams, exact)

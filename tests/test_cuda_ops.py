@@ -15,10 +15,17 @@ test_ops.py (TAILORKIT_TEST_SEED replays one).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from oracles import (
+    DTYPES,
+    all_bit_patterns,
+    guards_intact,
+    placed,
+    poisoned_out,
+    random_weights,
+    source_dtypes,
+)
 
 from tailorkit import ops
 from tailorkit.merge import merge_tensor
@@ -35,23 +42,10 @@ pytestmark = [
     ),
 ]
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 LENGTHS = [1, 7, 8, 9, 4097, 300_001]
 # Element offsets of each source (and of out) inside a larger buffer.
 OFFSETS = ["aligned", "same", "mixed"]
-GUARD = 16  # poisoned elements before and after every output
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("TAILORKIT_TEST_SEED", int.from_bytes(os.urandom(8), "little")))
-    print(f"random seed: TAILORKIT_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def source_dtypes(kind, k: int) -> list[torch.dtype]:
-    return [DTYPES[i % 3] for i in range(k)] if kind == "mixed" else [kind] * k
 
 
 def offset_for(kind: str, i: int, gen: torch.Generator) -> int:
@@ -60,30 +54,6 @@ def offset_for(kind: str, i: int, gen: torch.Generator) -> int:
     if kind == "same":
         return 3
     return int(torch.randint(0, 8, (), generator=gen))
-
-
-def on_gpu(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """A CUDA copy of the 1-D tensor x starting ``offset`` elements into its buffer."""
-    buffer = torch.empty(offset + x.numel(), dtype=x.dtype, device="cuda")
-    view = buffer[offset:]
-    view.copy_(x)
-    return view
-
-
-def poisoned_out(n: int, dtype: torch.dtype, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(buffer, out): out is n elements at GUARD + offset of a NaN-filled buffer."""
-    buffer = torch.full((2 * GUARD + offset + n,), float("nan"), dtype=dtype, device="cuda")
-    return buffer, buffer[GUARD + offset : GUARD + offset + n]
-
-
-def assert_guards_untouched(buffer: torch.Tensor, offset: int, n: int) -> None:
-    before = buffer[: GUARD + offset].cpu()
-    after = buffer[GUARD + offset + n :].cpu()
-    assert before.isnan().all() and after.isnan().all(), "the kernel wrote outside out"
-
-
-def random_weights(k: int, gen: torch.Generator) -> list[float]:
-    return (torch.rand(k, generator=gen, dtype=torch.float64) * 4 - 2).tolist()
 
 
 @pytest.mark.parametrize("offsets", OFFSETS)
@@ -95,13 +65,13 @@ def test_weighted_sum_cuda_matches_reference(k, src, out_dtype, n, offsets, gen)
     sources = [torch.randn(n, generator=gen).to(d) for d in source_dtypes(src, k)]
     weights = random_weights(k, gen)
     want = ops._weighted_sum_reference(sources, weights, out_dtype)
-    gpu_sources = [on_gpu(s, offset_for(offsets, i, gen)) for i, s in enumerate(sources)]
+    gpu_sources = [placed(s, offset_for(offsets, i, gen), "cuda") for i, s in enumerate(sources)]
     out_offset = offset_for(offsets, k, gen)
-    buffer, out = poisoned_out(n, out_dtype, out_offset)
+    buffer, out = poisoned_out(n, out_dtype, out_offset, "cuda")
     result = ops.weighted_sum(gpu_sources, weights, out_dtype, out=out)
     assert result is out
     assert torch.equal(out.cpu(), want)
-    assert_guards_untouched(buffer, out_offset, n)
+    assert guards_intact(buffer, out_offset, n), "the kernel wrote outside out"
     # The reference run on the GPU agrees too, and so does a freshly allocated output.
     assert torch.equal(ops._weighted_sum_reference(gpu_sources, weights, out_dtype).cpu(), want)
     fresh = ops.weighted_sum(gpu_sources, weights, out_dtype)
@@ -126,14 +96,9 @@ def test_weighted_sum_cuda_in_place(gen):
     assert torch.equal(acc_gpu.cpu(), want)
 
 
-def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
-    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    return x[~x.isnan()]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_cuda_conversions_exhaustive_16_bit(dtype):
-    x = _all_bit_patterns(dtype)
+    x = all_bit_patterns(dtype)
     gpu = x.cuda()
     assert torch.equal(ops.weighted_sum([gpu], [1.0], torch.float32).cpu(), x.float())
     assert torch.equal(ops.weighted_sum([gpu], [1.0], dtype).cpu(), x)
@@ -171,13 +136,13 @@ def test_ties_cuda_matches_reference(k, src, out_dtype, n, offsets, gen):
     thresholds = ops.ties_thresholds(base, sources, [1.0, 0.7, 0.5, 0.2][k % 4])
     lam = float(torch.rand((), generator=gen)) * 2
     want = ops._ties_merge_reference(base, sources, thresholds, lam, out_dtype)
-    gpu_base = on_gpu(base, offset_for(offsets, k + 1, gen))
-    gpu_sources = [on_gpu(s, offset_for(offsets, i, gen)) for i, s in enumerate(sources)]
+    gpu_base = placed(base, offset_for(offsets, k + 1, gen), "cuda")
+    gpu_sources = [placed(s, offset_for(offsets, i, gen), "cuda") for i, s in enumerate(sources)]
     out_offset = offset_for(offsets, k, gen)
-    buffer, out = poisoned_out(n, out_dtype, out_offset)
+    buffer, out = poisoned_out(n, out_dtype, out_offset, "cuda")
     ops.ties_merge(gpu_base, gpu_sources, thresholds, lam, out_dtype, out=out)
     assert torch.equal(out.cpu(), want)
-    assert_guards_untouched(buffer, out_offset, n)
+    assert guards_intact(buffer, out_offset, n), "the kernel wrote outside out"
     gpu_ref = ops._ties_merge_reference(gpu_base, gpu_sources, thresholds, lam, out_dtype)
     assert torch.equal(gpu_ref.cpu(), want)
     # Thresholds computed on the GPU are the CPU's (kthvalue picks an element).

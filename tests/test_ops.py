@@ -19,10 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import (
+    DTYPES,
+    all_bit_patterns,
+    excess_error,
+    random_weights,
+    source_dtypes,
+    ties_float64,
+)
 
 from tailorkit import ops
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 KS = [1, 2, 3, 5]
 # Lengths around vector widths and blocks, a 2-D and a strided shape; the kernel
@@ -31,26 +38,10 @@ SHAPES = [(1,), (7,), (1023,), (4097,), (33, 65), "noncontiguous"]
 SHAPE_IDS = ["1", "7", "1023", "4097", "33x65", "noncontig"]
 KERNEL_SHAPES = [*SHAPES, (300_001,)]
 KERNEL_SHAPE_IDS = [*SHAPE_IDS, "300001"]
-# Unit roundoff of each output dtype: round-to-nearest error is at most u * |x|.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 needs_kernel = pytest.mark.skipif(
     not ops.backend().startswith("cpp"), reason=f"C++ kernels not in use: {ops.backend_reason()}"
 )
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("TAILORKIT_TEST_SEED", int.from_bytes(os.urandom(8), "little")))
-    print(f"random seed: TAILORKIT_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def source_dtypes(kind: str | torch.dtype, k: int) -> list[torch.dtype]:
-    """The dtype of each of k sources: all the same, or cycling through all three."""
-    if kind == "mixed":
-        return [DTYPES[i % 3] for i in range(k)]
-    return [kind] * k
 
 
 def make(shape, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -70,18 +61,9 @@ def make_grid(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     return t.t() if shape == "noncontiguous" else t
 
 
-def random_weights(k: int, gen: torch.Generator) -> list[float]:
-    return (torch.rand(k, generator=gen, dtype=torch.float64) * 4 - 2).tolist()
-
-
 def assert_close_to_exact(result: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor):
     """|result - exact| <= u_out * |exact| + bound, elementwise (all in float64)."""
-    u = UNIT_ROUNDOFF[result.dtype]
-    err = (result.double() - exact).abs()
-    allowed = u * exact.abs() + (1 + u) * bound
-    if result.dtype == torch.float16:
-        allowed = allowed + 2.0**-25  # half the smallest subnormal: underflow near 0
-    worst = (err - allowed).max().item() if err.numel() else 0.0
+    worst = excess_error(result, exact, bound)
     assert worst <= 0, f"error exceeds the stated bound by {worst:g}"
 
 
@@ -189,17 +171,11 @@ def test_weighted_sum_kernel_independent_of_thread_count(gen):
     assert torch.equal(single, ops.weighted_sum(sources, weights, torch.bfloat16))
 
 
-def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
-    """Every 16-bit value of dtype except NaNs (which never compare equal)."""
-    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    return x[~x.isnan()]
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_kernel_conversions_exhaustive_16_bit(dtype):
     """All 2^16 inputs widen exactly and round-trip, subnormals and infinities included."""
-    x = _all_bit_patterns(dtype)
+    x = all_bit_patterns(dtype)
     assert torch.equal(ops.weighted_sum([x], [1.0], torch.float32), x.float())
     assert torch.equal(ops.weighted_sum([x], [1.0], dtype), x)
 
@@ -251,19 +227,6 @@ def test_ties_kernel_matches_reference(k, src, out_dtype, shape, gen):
     assert torch.equal(got, want)
 
 
-def _ties_float64(base, sources, thresholds, lam):
-    """TIES written out element by element's definition, in float64."""
-    b = base.double()
-    taus = [s.double() - b for s in sources]
-    kept = [torch.where(t.abs() >= thr, t, 0.0) for t, thr in zip(taus, thresholds)]
-    elected = torch.sign(sum(kept))
-    agree = [(torch.sign(k) == elected) & (k != 0) for k in kept]
-    num = sum(torch.where(a, k, 0.0) for a, k in zip(agree, kept))
-    cnt = sum(a.double() for a in agree)
-    mean = torch.where(cnt > 0, num / cnt.clamp(min=1), 0.0)
-    return b + lam * mean, b.abs() + abs(lam) * mean.abs()
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
@@ -279,7 +242,7 @@ def test_ties_reference_is_accurate(k, src, out_dtype, shape, gen):
     base, sources, thresholds = _ties_inputs(k, src, shape, gen, grid=True)
     lam = float(torch.rand((), generator=gen)) * 2
     got = ops._ties_merge_reference(base, sources, thresholds, lam, out_dtype)
-    exact, magnitude = _ties_float64(base, sources, thresholds, lam)
+    exact, magnitude = ties_float64(base, sources, thresholds, lam)
     assert_close_to_exact(got, exact, 4 * 2.0**-24 * magnitude)
 
 
