@@ -243,16 +243,16 @@ def check_merge_methods(checks: Checks, gen: torch.Generator, size: dict, device
         "linear": (OutputLayer("linear", (("a", 0), ("b", 0)), (0.3, 0.7)), False, 2),
         "task_arithmetic": (
             OutputLayer(
-                "task_arithmetic", (("a", 0), ("b", 0)), (1.0, 0.5), ("base", 0), {"lambda": 0.6}
+                "task_arithmetic", (("a", 0), ("b", 0)), (1.0, 0.5), ("base", 0), (("lambda", 0.6),)
             ),
             True,
             2,
         ),
         "laco": (OutputLayer("laco", (("base", 0), ("a", 0), ("b", 0))), False, 3),
-        "slerp": (OutputLayer("slerp", (("a", 0), ("b", 0)), (), None, {"t": 0.3}), False, 2),
+        "slerp": (OutputLayer("slerp", (("a", 0), ("b", 0)), (), None, (("t", 0.3),)), False, 2),
         "ties": (
             OutputLayer(
-                "ties", (("a", 0), ("b", 0)), (), ("base", 0), {"lambda": 0.8, "density": 0.3}
+                "ties", (("a", 0), ("b", 0)), (), ("base", 0), (("lambda", 0.8), ("density", 0.3))
             ),
             True,
             2,

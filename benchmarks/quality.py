@@ -35,7 +35,6 @@ import torch
 import tailorkit as tk
 from tailorkit.assemble import assemble
 from tailorkit.calibration import text_pieces
-from tailorkit.prune import identity_recipe
 
 METHODS = ("slm", "shortgpt", "angular", "laco", "gptailor", "gptailor-removal")
 SINGLE_MODEL = ("slm", "shortgpt", "angular", "laco")
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = []
     started = time.time()
-    dense = evaluate(identity_recipe(args.base, source.num_layers), evals)
+    dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals)
     rows.append({"method": "dense", "ratio": 0.0, "layers": source.num_layers, **dense})
     print(f"dense: {dense}", flush=True)
     family = None

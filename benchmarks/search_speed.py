@@ -1,5 +1,5 @@
-"""GPTailor search speed: candidate evaluations per minute with the evaluator's caches on
-and off, and against the naive loop, on the same search (same family, calibration,
+"""GPTailor search speed: candidate evaluations per minute with the trial runner's caches
+on and off, and against the naive loop, on the same search (same family, calibration,
 seed), which must reach the same result every way.
 
 * caches on: merged layers are computed once per exact spec; the hidden states of every
@@ -7,7 +7,7 @@ seed), which must reach the same result every way.
   layers after its first difference from one already scored; a candidate's score on a
   batch is kept (CMA-ES samples repeats; the full-fidelity re-scoring reuses the small
   slice's batch).
-* caches off: the same evaluator (sources mapped once, base layers shared), but every
+* caches off: the same runner (sources mapped once, base layers shared), but every
   candidate runs all its layers and merges on every batch.
 * naive loop: what research scripts do: assemble each candidate as a transformers model
   (``tailorkit.assemble``) and run it whole.
@@ -39,27 +39,27 @@ import tailorkit as tk  # noqa: E402
 from tailorkit.calibration import token_windows  # noqa: E402
 from tailorkit.checkpoint.source import Source  # noqa: E402
 from tailorkit.methods.common import removal_budget  # noqa: E402
-from tailorkit.prune import identity_recipe  # noqa: E402
+from tailorkit.objectives import Logits  # noqa: E402
 from tailorkit.search.driver import SearchSettings, run_search  # noqa: E402
-from tailorkit.search.evaluator import EvaluatorConfig  # noqa: E402
 from tailorkit.search.executors import LocalExecutor  # noqa: E402
 from tailorkit.search.space import SearchSpace  # noqa: E402
 from tailorkit.similarity import block_influence  # noqa: E402
+from tailorkit.trials import RunnerConfig  # noqa: E402
 
 
 class NaiveExecutor:
     """Assemble every candidate whole and run it: the loop the caches are measured against."""
 
-    def __init__(self, config: EvaluatorConfig):
+    def __init__(self, config: RunnerConfig):
         self.config = config
-        self.batches = config.windows.to(config.device).split(config.batch_size)
+        self.batches = config.windows.to(config.device or "cpu").split(config.batch_size)
         layers = Source(config.base).num_layers
-        base = self._model(identity_recipe(config.base, layers))
+        base = self._model(tk.Recipe.identity(config.base, layers))
         self.teacher = [self._logp(base, batch) for batch in self.batches]
         self.evaluations = 0
 
     def _model(self, recipe):
-        return tk.assemble(recipe, dtype=self.config.dtype).to(self.config.device)
+        return tk.assemble(recipe, dtype=self.config.dtype).to(self.config.device or "cpu")
 
     def _logp(self, model, batch):
         with torch.no_grad():
@@ -120,11 +120,11 @@ def random_family(root: Path) -> dict[str, Path]:
 
 def start_genome(space: SearchSpace, executor: LocalExecutor, how: str):
     """Where CMA-ES starts: Block-Influence removal (what ``tailorkit prune`` does), from
-    the evaluator's own trace of the base, or the middle layers removed."""
+    the runner's own recorded states of the base, or the middle layers removed."""
     n = space.num_layers
     if how == "middle":
         return space.initial([abs(i - n / 2) for i in range(n)])
-    boundaries = [torch.stack(t.states).flatten(1, 2) for t in executor.evaluator.traces]
+    boundaries = executor.runner.activations.boundaries()
     return space.initial(block_influence(boundaries).tolist())
 
 
@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=0,
         fidelity_windows=args.fidelity,
     )
-    config = EvaluatorConfig(
+    config = RunnerConfig(
         base=base,
-        candidates=dict(zip(space.names, candidates)),
         windows=windows,
+        candidates=dict(zip(space.names, candidates)),
+        objective=Logits(),
         batch_size=args.fidelity,
         device=args.device,
     )
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             "best_fitness": result.fitness,
             "same_recipe": result.recipe == results["caches on"].recipe,
         }
-        for key in ("layer_forwards", "layers_reused", "head_passes", "scores_reused"):
+        for key in ("layer_forwards", "layers_reused", "objective_passes", "scores_reused"):
             row[key] = report.get(key)
         for key in ("prefix_hit_rate", "layer_work_saved"):
             row[key] = round(report[key], 3) if key in report else None
@@ -231,13 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(
         [
             "| run | seconds | evaluations | eval/min | layer forwards | layers reused | "
-            "scores reused | head passes | layer work saved | best KL | same recipe |",
+            "scores reused | objective passes | layer work saved | best KL | same recipe |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
             *(
                 f"| {r['run']} | {r['seconds']} | {r['evaluations']} | "
                 f"{r['evaluations_per_minute']} | {cell(r['layer_forwards'])} | "
                 f"{cell(r['layers_reused'])} | {cell(r['scores_reused'])} | "
-                f"{cell(r['head_passes'])} | {cell(r['layer_work_saved'], '{:.1%}')} | "
+                f"{cell(r['objective_passes'])} | {cell(r['layer_work_saved'], '{:.1%}')} | "
                 f"{r['best_fitness']:.6f} | {'yes' if r['same_recipe'] else 'no'} |"
                 for r in rows
             ),

@@ -426,4 +426,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "What the CUDA kernels were built for; empty when the extension has none.");
+  m.def(
+      "cuda_ties_max_sources",
+      []() -> int {
+#ifdef TAILORKIT_WITH_CUDA
+        return tailorkit::cuda_ties_max_sources();
+#else
+        return 0;
+#endif
+      },
+      "How many sources the CUDA TIES kernel takes; 0 when the extension has no CUDA.");
 }

@@ -538,6 +538,10 @@ void ties_merge_out_cuda(
 
 }  // namespace
 
+int cuda_ties_max_sources() {
+  return kMaxSources;
+}
+
 std::string cuda_build_info() {
   // __CUDA_ARCH_LIST__ (nvcc >= 11.5) lists the targets, e.g. 800,900.
   std::string archs;

@@ -27,6 +27,9 @@ void check_grams(const at::Tensor& grams);
 // What the CUDA kernels were built for, e.g. "CUDA kernels for sm 8.0, 9.0 (CUDA 13.0)"
 // (defined in merge_cuda.cu).
 std::string cuda_build_info();
+
+// How many sources the CUDA TIES kernel takes in one launch (defined in merge_cuda.cu).
+int cuda_ties_max_sources();
 #endif
 
 }  // namespace tailorkit

@@ -18,8 +18,7 @@ from tailorkit.plan import Plan
 from tailorkit.prune import prune
 from tailorkit.recipe import Recipe
 from tailorkit.result import PruneResult
-
-__version__ = "0.1.0"
+from tailorkit.version import __version__
 
 __all__ = [
     "DEFAULT_MODEL",

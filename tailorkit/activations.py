@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tailorkit.calibration import DEFAULT_BATCH_SIZE
 from tailorkit.checkpoint.safetensors_format import read_header
 from tailorkit.checkpoint.writer import ShardWriter, TensorSpec
 from tailorkit.errors import CalibrationError
@@ -31,14 +32,9 @@ AUTO_OFFLOAD_SHARE = 0.4
 class Activations:
     """The captured traces, one per batch, with their states in memory or memory-mapped."""
 
-    def __init__(self, stack: DecoderStack, traces: list[Trace], scratch=None):
-        self.stack = stack
+    def __init__(self, traces: list[Trace], scratch=None):
         self.traces = traces
         self._scratch = scratch  # a TemporaryDirectory kept alive while the maps are in use
-
-    @property
-    def num_layers(self) -> int:
-        return self.stack.num_layers
 
     @property
     def offloaded(self) -> bool:
@@ -59,7 +55,7 @@ def capture(
     stack: DecoderStack,
     windows: torch.Tensor,
     *,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     offload: bool | str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Activations:
@@ -69,9 +65,8 @@ def capture(
     that lives as long as the result; a path streams into that folder.
     """
     n, t = windows.shape
-    d = _hidden_size(stack)
-    itemsize = next(stack.model.parameters()).element_size()
-    need = n * t * d * (stack.num_layers + 1) * itemsize
+    embedding = stack.model.get_input_embeddings().weight  # (V, d)
+    need = n * t * embedding.shape[-1] * (stack.num_layers + 1) * embedding.element_size()
     if offload is None:
         offload = need > AUTO_OFFLOAD_SHARE * _available_memory()
     scratch = folder = None
@@ -86,12 +81,12 @@ def capture(
     traces = []
     batches = range(0, n, batch_size)
     for b, start in enumerate(tqdm(batches, desc="activations", disable=not progress)):
-        trace = stack.trace(windows[start : start + batch_size])
+        trace = stack.trace(windows[start : start + batch_size].to(embedding.device))
         _check_finite(trace, b, start)
         if folder is not None:
             trace.states = _to_disk(trace.states, folder / f"batch-{b:05d}.safetensors")
         traces.append(trace)
-    return Activations(stack, traces, scratch)
+    return Activations(traces, scratch)
 
 
 def _check_finite(trace: Trace, batch: int, first_window: int) -> None:
@@ -122,15 +117,6 @@ def _to_disk(states: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
         view = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
         views.append(view.reshape(info.shape))
     return views
-
-
-def _hidden_size(stack: DecoderStack) -> int:
-    config = stack.model.config
-    config = getattr(config, "get_text_config", lambda: config)()
-    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if not size:
-        raise CalibrationError(f"{type(stack.model).__name__}: config has no hidden_size")
-    return int(size)
 
 
 def _available_memory() -> int:

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from tailorkit.calibration import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
+from tailorkit.calibration import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.devices import resolve_device
-from tailorkit.prune import run_calibration
 from tailorkit.similarity import angular_distance, block_influence, cka_matrix, plot_heatmap
+from tailorkit.trials import TrialRunner
 
 
 def analyze(
@@ -21,7 +21,7 @@ def analyze(
     kernel: str = "linear",
     seq_len: int = DEFAULT_SEQ_LEN,
     num_windows: int = DEFAULT_NUM_WINDOWS,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     offload: bool | str | None = None,
     plot: str | Path | None = None,
@@ -31,8 +31,8 @@ def analyze(
     """CKA between all layer outputs, Block Influence per layer, angular distance of
     adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
     the CKA on the GPU."""
-    device = resolve_device(device) if device is not None else None  # fail before the work
-    source, stack, windows, acts = run_calibration(
+    device = resolve_device(device)  # fail before the work
+    runner = TrialRunner.calibrate(
         model,
         calibration,
         seq_len=seq_len,
@@ -42,16 +42,17 @@ def analyze(
         offload=offload,
         progress=progress,
     )
+    acts = runner.activations
     cka = cka_matrix(acts.outputs(), kernel=kernel, device=device)
     influence = block_influence(acts.boundaries())
     angular = angular_distance(acts.boundaries(), 1)
     if plot is not None:
-        plot_heatmap(cka, plot, f"{kernel} CKA of layer outputs: {source.path.name}")
+        plot_heatmap(cka, plot, f"{kernel} CKA of layer outputs: {runner.base.path.name}")
     return {
         "model": model,
         "kernel": kernel,
-        "layers": stack.num_layers,
-        "tokens": int(windows.numel()),
+        "layers": runner.num_layers,
+        "tokens": int(runner.config.windows.numel()),
         "offloaded": acts.offloaded,
         "cka": _rounded(cka),
         "block_influence": _rounded(influence),

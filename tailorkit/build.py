@@ -189,7 +189,7 @@ def _copy_side_files(base: Source, out: Path) -> None:
 
 
 def default_readme(plan: Plan) -> str:
-    """The model card (tailorkit.hub.make_model_card) of a plan built without a method."""
-    from tailorkit.hub import make_model_card
+    """The model card (tailorkit.card.make_model_card) of a plan built without a method."""
+    from tailorkit.card import make_model_card
 
     return make_model_card(plan).content

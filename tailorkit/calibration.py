@@ -20,6 +20,7 @@ from tailorkit.errors import CalibrationError
 
 DEFAULT_SEQ_LEN = 128
 DEFAULT_NUM_WINDOWS = 16
+DEFAULT_BATCH_SIZE = 8  # windows per forward pass
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
 
 CalibrationSource = str | Path | Sequence[str] | None
@@ -137,3 +138,28 @@ def token_windows(
         )
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     return windows[order[:num_windows].sort().values]
+
+
+def calibration_windows(
+    model_dir: str | Path,
+    calibration: CalibrationSource | torch.Tensor = None,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    num_windows: int | None = DEFAULT_NUM_WINDOWS,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Token windows ``(N, T)``: ``calibration`` itself when it is already a tensor of
+    token ids, else text cut with the tokenizer in ``model_dir``."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise CalibrationError(
+                f"calibration token ids must be an (N, T) integer tensor, got "
+                f"{calibration.dtype} of shape {tuple(calibration.shape)}"
+            )
+        return calibration.long()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return token_windows(
+        tokenizer, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    )

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from tailorkit.errors import TailorkitError
@@ -62,8 +63,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-    from tailorkit import __version__, ops
+    from tailorkit import ops
     from tailorkit.checkpoint import builtin
+    from tailorkit.version import __version__
 
     rows = [
         ("tailorkit", __version__),
@@ -80,11 +82,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tailorkit.generate import generate, load_for_generation
+    from tailorkit.eval.run import load_model
+    from tailorkit.generate import generate
 
-    model, tokenizer = load_for_generation(args.model)
+    loaded = load_model(args.model, device="cpu")
     reply = generate(
-        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat
+        loaded.model,
+        loaded.tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
     )
     print(reply.strip() if args.chat else args.prompt + reply)
     return 0
@@ -103,9 +110,26 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
         help="text file, folder of text files, or hf:DATASET[:SPLIT[:COLUMN]] "
         "(default: public-domain text bundled with tailorkit)",
     )
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--num-windows", type=int, default=16, help="windows drawn (default 16)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    from tailorkit import calibration as c
+
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=c.DEFAULT_SEQ_LEN,
+        help="tokens per window (default %(default)s)",
+    )
+    p.add_argument(
+        "--num-windows",
+        type=int,
+        default=c.DEFAULT_NUM_WINDOWS,
+        help="windows drawn (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=c.DEFAULT_BATCH_SIZE,
+        help="windows per forward (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="picks the windows (default 0)")
     p.add_argument(
         "--offload",
@@ -118,6 +142,12 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _calibration(args: argparse.Namespace) -> dict:
+    """The options of `_calibration_args` as keyword arguments of prune / analyze."""
+    names = ("calibration", "seq_len", "num_windows", "batch_size", "seed", "offload")
+    return {name: getattr(args, name) for name in names} | {"progress": not args.quiet}
+
+
 def _setting(text: str) -> tuple[str, object]:
     import yaml
 
@@ -128,48 +158,38 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from tailorkit.methods import METHODS
     from tailorkit.prune import prune
     from tailorkit.result import command_line
 
+    spec = METHODS[args.method]
     settings = dict(args.set or [])
-    for key in ("threshold", "similarity", "fusion"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    overwrite = args.overwrite
-    if args.method == "gptailor":
-        for key in ("budget", "popsize", "objective", "executor", "workers", "device"):
-            if getattr(args, key) is not None:
-                settings[key] = getattr(args, key)
-        if args.out:
-            # The search log lives under the output folder while the search runs, and is
-            # shipped inside the finished checkpoint.
-            out = Path(args.out)
-            settings["search_dir"] = out / "search"
-            settings["resume"] = args.resume
-    elif args.candidate or args.resume or args.device:
-        raise TailorkitError("--candidate, --resume and --device are for --method gptailor")
+    for name in _method_flags():
+        if getattr(args, name) in (None, False):
+            continue
+        if name not in spec.settings.model_fields:
+            takers = [m.name for m in METHODS.values() if name in m.settings.model_fields]
+            raise TailorkitError(
+                f"--{name.replace('_', '-')} is for --method {' or '.join(takers)}"
+            )
+        settings[name] = getattr(args, name)
+    search = "search_dir" in spec.settings.model_fields
+    if search and args.out:
+        # The search log lives under the output folder while the search runs, and is
+        # shipped inside the finished checkpoint.
+        settings["search_dir"] = Path(args.out) / "search"
     result = prune(
-        args.base,
-        method=args.method,
-        target_ratio=args.target_ratio,
-        candidates=args.candidate,
-        calibration=args.calibration,
-        seq_len=args.seq_len,
-        num_windows=args.num_windows,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        offload=args.offload,
-        progress=not args.quiet,
-        **settings,
+        args.base, method=args.method, candidates=args.candidate, **_calibration(args), **settings
     )
     result.command = command_line(args.argv)
     print(f"{args.method}: {result.summary()}", file=sys.stderr)
     if args.recipe:
         result.recipe.to_yaml(args.recipe)
         print(f"wrote {args.recipe}", file=sys.stderr)
+    overwrite = args.overwrite
     if args.out:
         out = Path(args.out)
-        if args.method == "gptailor" and out.is_dir():
+        if search and out.is_dir():
             # Only the search log is there yet: the checkpoint takes its place (log included).
             overwrite = overwrite or {p.name for p in out.iterdir()} <= {"search"}
         result.save_pretrained(
@@ -185,17 +205,7 @@ def _cmd_cka(args: argparse.Namespace) -> int:
     from tailorkit.analyze import analyze
 
     report = analyze(
-        args.model,
-        calibration=args.calibration,
-        kernel=args.kernel,
-        seq_len=args.seq_len,
-        num_windows=args.num_windows,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        offload=args.offload,
-        plot=args.plot,
-        progress=not args.quiet,
-        device=args.device,
+        args.model, kernel=args.kernel, plot=args.plot, device=args.device, **_calibration(args)
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -218,20 +228,70 @@ def _cmd_cka(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_flags() -> dict[str, list]:
+    """Each setting some method offers as an option -> the methods that take it."""
+    from tailorkit.methods import METHODS
+
+    flags: dict[str, list] = {}
+    for spec in METHODS.values():
+        for name in spec.settings.flags:
+            flags.setdefault(name, []).append(spec)
+    return flags
+
+
+def _flag_options(field) -> dict:
+    """argparse options for a setting: its choices, a switch, or its number type."""
+    kind = field.annotation
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind)}
+    kinds = set(typing.get_args(kind) or (kind,)) - {type(None)}
+    if kinds == {bool}:
+        return {"action": "store_true"}
+    return {"type": kinds.pop()} if kinds in ({int}, {float}) else {}
+
+
+def _methods_help() -> str:
+    """Every method with its settings, defaults and ranges (the epilog of `prune --help`)."""
+    from tailorkit.methods import METHODS
+
+    lines = ["methods (--method) and their settings (an option above, or --set NAME=VALUE):"]
+    for spec in METHODS.values():
+        lines += ["", f"  {spec.name}: {spec.summary}"]
+        for name, field in spec.settings.model_fields.items():
+            if field.exclude:
+                continue
+            rule = [
+                f"{op} {getattr(m, key)}"
+                for m in field.metadata
+                for key, op in _BOUNDS
+                if hasattr(m, key)
+            ]
+            if "choices" in _flag_options(field):
+                rule.append(" | ".join(_flag_options(field)["choices"]))
+            default = "required" if field.is_required() else f"default {field.default}"
+            detail = ", ".join([default, *rule])
+            lines.append(f"    {name:<17} {field.description or ''} ({detail})")
+    return "\n".join(lines)
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
 def _add_analysis_commands(sub) -> None:
     from tailorkit.checkpoint.builtin import DEFAULT_MODEL
+    from tailorkit.methods import METHODS
 
-    pr = sub.add_parser("prune", help="choose which layers to remove or merge, then build")
+    pr = sub.add_parser(
+        "prune",
+        help="choose which layers to remove or merge, then build",
+        epilog=_methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pr.add_argument(
         "--base", default=DEFAULT_MODEL, help=f"model to prune (default {DEFAULT_MODEL})"
     )
     pr.add_argument(
-        "--method",
-        default="slm",
-        choices=["slm", "shortgpt", "angular", "laco", "gptailor"],
-        help="slm: Sliding Layer Merging (default); shortgpt: lowest Block Influence; "
-        "angular: Gromov et al.'s block; laco: LaCo folds; gptailor: CMA-ES search over "
-        "removing, selecting and merging layers of --candidate fine-tunes",
+        "--method", default="slm", choices=list(METHODS), help="the method (default slm; below)"
     )
     pr.add_argument(
         "--candidate",
@@ -239,31 +299,14 @@ def _add_analysis_commands(sub) -> None:
         metavar="MODEL",
         help="a fine-tune of --base (gptailor; repeat for each)",
     )
-    pr.add_argument("--budget", type=int, help="gptailor: evaluations (default 120)")
-    pr.add_argument("--popsize", type=int, help="gptailor: CMA-ES population (default 12)")
-    pr.add_argument(
-        "--objective", help="gptailor: kl (default), loss, lm_eval, or e.g. kl+0.5*loss"
-    )
-    pr.add_argument(
-        "--executor", choices=["local", "ray"], help="gptailor: where candidates are scored"
-    )
-    pr.add_argument("--workers", type=int, help="gptailor with --executor ray: Ray workers")
-    pr.add_argument(
-        "--device",
-        help="gptailor: where candidates run: cpu (default), cuda, cuda:N (with --executor "
-        "ray, one GPU per worker)",
-    )
-    pr.add_argument(
-        "--resume",
-        action="store_true",
-        help="gptailor: continue the search logged under --out/search",
-    )
-    pr.add_argument("--target-ratio", type=float, help="fraction of parameters to remove")
-    pr.add_argument("--threshold", type=float, help="similarity threshold (slm, laco)")
-    pr.add_argument(
-        "--similarity", choices=["cka", "cosine"], help="slm's similarity (default cka)"
-    )
-    pr.add_argument("--fusion", choices=["laco", "average"], help="slm's fusion (default laco)")
+    for name, specs in _method_flags().items():
+        field = specs[0].settings.model_fields[name]
+        methods = ", ".join(spec.name for spec in specs)
+        pr.add_argument(
+            f"--{name.replace('_', '-')}",
+            help=f"{methods}: {field.description}",
+            **_flag_options(field),
+        )
     pr.add_argument(
         "--set",
         action="append",
@@ -333,6 +376,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _add_publish_commands(sub) -> None:
+    from tailorkit.recipe import DTYPES
+
     e = sub.add_parser(
         "eval", help="perplexity and zero-shot tasks (lm-eval), optionally against the dense model"
     )
@@ -357,7 +402,7 @@ def _add_publish_commands(sub) -> None:
     e.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPES],
         help="compute dtype (default: the checkpoint's)",
     )
     e.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
@@ -386,6 +431,8 @@ def _add_publish_commands(sub) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from tailorkit.recipe import DTYPES
+
     p = argparse.ArgumentParser(
         prog="tailorkit", description="Depth-wise compression of language models."
     )
@@ -400,7 +447,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="output dtype (default: recipe's, else base's)",
     )
     b.add_argument(
@@ -417,7 +464,7 @@ def make_parser() -> argparse.ArgumentParser:
         "validate", help="check a recipe against its models and show the plan (reads headers only)"
     )
     v.add_argument("recipe")
-    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--dtype", choices=DTYPES)
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.set_defaults(func=_cmd_validate)
 

@@ -8,19 +8,22 @@ from tailorkit.errors import TailorkitError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device, checked; raises TailorkitError.
+    """``"cpu"`` (or None), ``"cuda"``, ``"cuda:N"``, ``"auto"`` (a GPU if one is usable,
+    else the CPU) or a torch.device, checked; raises TailorkitError.
 
     Only looks at CUDA when a CUDA device is asked for, so the CPU path never
     initialises it.
     """
     if device is None:
         return torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise TailorkitError(
             f"device {device!r}: not a device name; tailorkit runs on 'cpu' (the default), "
-            "'cuda' or 'cuda:N'"
+            "'cuda', 'cuda:N' or 'auto'"
         ) from None
     if dev.type == "cpu":
         return dev

@@ -29,3 +29,23 @@ class CalibrationError(TailorkitError, ValueError):
 
 class MethodError(TailorkitError, ValueError):
     """A pruning method's settings are invalid or its target cannot be reached."""
+
+
+class HubError(TailorkitError, ValueError):
+    """Publishing failed: a bad repo id, no token, or the Hub refused the upload."""
+
+
+class EvalError(TailorkitError, ValueError):
+    """An evaluation cannot run as asked: a text too short, an unknown task, a bad setting."""
+
+
+def validation_message(where: str, error, unknown: str, skip: tuple[str, ...] = ()) -> str:
+    """A pydantic ``ValidationError`` as lines that name each bad field; ``unknown`` is
+    said of a field that does not exist, ``skip`` drops location parts (union tags)."""
+    lines = [where]
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in skip)
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return "\n".join(lines)

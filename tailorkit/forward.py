@@ -1,17 +1,13 @@
 """Run a causal LM one decoder layer at a time.
 
-Similarity analysis, Sliding Layer Merging and the search all ask the same
-question many times: what does the model compute if layers i..j are replaced
-by something else? Re-running the whole model (or copying it) per question is
-wasteful. Instead we run the model once on the calibration batch and record,
-for every decoder layer, its input hidden state and the keyword arguments the
-model passed it (rotary position embeddings, the attention mask for that
-layer's attention type, ...). A modified model is then a list of steps, each
-a decoder layer module called with substituted parameters
-(``torch.func.functional_call``: nothing is copied) and the recorded
-arguments of its *source* layer, started from the recorded state where the
-modified part begins. This works for every architecture whose decoder layers
-take ``(hidden_states, **kwargs)``, with no per-model code.
+The model runs once on a calibration batch while hooks record, for every decoder
+layer, its input hidden state and the keyword arguments the model passed it (rotary
+position embeddings, the mask for that layer's attention type, ...). A modified model
+is then a list of steps, each a decoder layer module called with substituted
+parameters (``torch.func.functional_call``: nothing is copied) and the recorded
+arguments of its *source* layer, from the recorded state where the change begins
+(:mod:`tailorkit.trials`). This works for every architecture whose decoder layers take
+``(hidden_states, **kwargs)``, with no per-model code.
 """
 
 from __future__ import annotations
@@ -22,7 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tailorkit.assemble import assemble
+from tailorkit.checkpoint.source import Source
+from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError
+from tailorkit.recipe import Recipe
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
@@ -38,7 +38,6 @@ class Step:
 
     source: int
     params: Mapping[str, torch.Tensor] | None = None
-    key: object = None  # identifies the step for caches (e.g. an OutputLayer)
 
 
 @dataclass
@@ -62,6 +61,13 @@ class DecoderStack:
         self.layers, parent = _find_layers(model)
         self.norm = _final_norm(parent)
         self.head = model.get_output_embeddings()
+
+    @classmethod
+    def load(cls, source: Source, dtype: str = "float32", device=None) -> DecoderStack:
+        """``source`` assembled as it is (weights mapped, not copied, where the dtype
+        allows), in ``dtype``, on ``device``."""
+        model = assemble(Recipe.identity(source.ref, source.num_layers), dtype=dtype)
+        return cls(model.to(resolve_device(device)))
 
     @property
     def num_layers(self) -> int:
@@ -130,10 +136,6 @@ class DecoderStack:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def layer_params(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer ``index``'s parameters by their name inside the layer module."""
-        return dict(self.layers[index].named_parameters())
 
 
 def _hidden(output) -> torch.Tensor:

@@ -1,31 +1,8 @@
-"""Greedy text from a built checkpoint or straight from a recipe: a quick look at a model."""
+"""Greedy text from a model (loaded by ``tailorkit.eval.load_model``): a quick look at it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from tailorkit.recipe import Recipe
-
-
-def load_for_generation(model: str | Path):
-    """(model, tokenizer) from a built checkpoint, a model reference, or a recipe file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tailorkit.assemble import assemble
-    from tailorkit.checkpoint.source import resolve
-
-    path = Path(model)
-    if path.is_file():
-        plan = Recipe.load(path).plan()
-        return assemble(plan), AutoTokenizer.from_pretrained(plan.base.path)
-    from tailorkit.eval.run import check_checkpoint_dir
-
-    local = resolve(str(model))
-    check_checkpoint_dir(local)  # safetensors weights, never a pickle
-    loaded = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
-    return loaded.eval(), AutoTokenizer.from_pretrained(local)
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, chat: bool = False) -> str:

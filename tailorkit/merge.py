@@ -53,7 +53,7 @@ def _linear(layer, inputs, base) -> Combination:
 @linear_method("task_arithmetic")
 def _task_arithmetic(layer, inputs, base) -> Combination:
     # base + lam * sum_i w_i (x_i - base) == (1 - lam * sum_i w_i) base + sum_i lam w_i x_i
-    lam = layer.params["lambda"]
+    lam = layer.param("lambda")
     return [base, *inputs], [1.0 - lam * sum(layer.weights), *(lam * w for w in layer.weights)]
 
 
@@ -66,7 +66,7 @@ def _laco(layer, inputs, base) -> Combination:
 @linear_method("slerp")
 def _slerp(layer, inputs, base) -> Combination:
     a, b = inputs
-    t = layer.params["t"]
+    t = layer.param("t")
     dot = norm_a = norm_b = 0.0
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     for start in range(0, flat_a.numel(), CHUNK_ELEMENTS):
@@ -101,8 +101,8 @@ def merge_chunks(
     The build writes each chunk as it comes, so its memory stays near one chunk.
     """
     if layer.method == "ties":
-        thresholds = ops.ties_thresholds(base, list(inputs), layer.params["density"])
-        result = ops.ties_merge(base, list(inputs), thresholds, layer.params["lambda"], out_dtype)
+        thresholds = ops.ties_thresholds(base, list(inputs), layer.param("density"))
+        result = ops.ties_merge(base, list(inputs), thresholds, layer.param("lambda"), out_dtype)
         check_finite(result, where)
         yield result.reshape(-1)
         return

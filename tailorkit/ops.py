@@ -52,8 +52,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The CUDA TIES kernel takes its sources in one launch (kMaxSources in merge_cuda.cu).
-_CUDA_TIES_MAX_SOURCES = 32
 _DISABLE_ENV = "TAILORKIT_DISABLE_EXTENSION"
 
 
@@ -125,6 +123,8 @@ _declare("hsic_all_pairs(Tensor grams) -> Tensor")
 # What the CUDA kernels were built for ("" when the extension has none). Asking
 # the extension does not initialise CUDA.
 _CUDA_INFO = (getattr(_C, "cuda_info", lambda: "")() or "") if _C is not None else ""
+# The CUDA TIES kernel takes its sources in one launch: at most this many.
+_CUDA_TIES_MAX_SOURCES = getattr(_C, "cuda_ties_max_sources", lambda: 0)() if _CUDA_INFO else 0
 _NO_CUDA_REASON = (
     "tailorkit._C was built without CUDA kernels (setup.py compiles them only when torch has "
     "CUDA and nvcc is found; `pip install -v .` prints why they were skipped)"

@@ -20,7 +20,7 @@ from tailorkit.checkpoint.safetensors_format import TensorInfo
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
 from tailorkit.merge import merge_chunks, merge_tensor
-from tailorkit.recipe import LayerRange, OutputLayer, Recipe
+from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
 
@@ -163,7 +163,7 @@ def make_plan(
     sources = sources or open_sources(recipe)
     base = sources[recipe.base_model]
     _check_compatible(base, sources)
-    out_dtype = _resolve_dtype(dtype or recipe.dtype, base)
+    out_dtype = torch_dtype(dtype or recipe.dtype or base.dtype)
 
     _check_ranges(recipe, sources)  # before expanding them: [0, 10**12) must not be listed
     layers = recipe.output_layers()
@@ -171,7 +171,7 @@ def make_plan(
     for name in base.arch.embedding_tensors:
         jobs.append(_passthrough_job(name, sources[recipe.embeddings_model], base, out_dtype))
     for out_index, layer in enumerate(layers):
-        jobs += _layer_jobs(out_index, layer, sources, base, out_dtype)
+        jobs += layer_jobs(out_index, layer, sources, out_dtype, recipe.base_model).values()
     for name in base.arch.head_tensors:
         jobs.append(_passthrough_job(name, sources[recipe.head_model], base, out_dtype))
     config = _output_config(base, sources, layers, out_dtype)
@@ -190,14 +190,12 @@ def _check_ranges(recipe: Recipe, sources: dict[str, Source]) -> None:
                 )
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, base: Source) -> torch.dtype:
-    if dtype is None:
-        return base.dtype
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype name (one of ``recipe.DTYPES``) or a torch.dtype, checked."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    allowed = ("float32", "bfloat16", "float16")
-    if dtype not in allowed:
-        raise RecipeError(f"dtype: {dtype!r} is not one of {', '.join(allowed)}")
+    if dtype not in DTYPES:
+        raise RecipeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
 
 
@@ -233,9 +231,17 @@ def _out_dtype(info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
     return dtype if info.dtype.is_floating_point else info.dtype
 
 
-def _layer_jobs(
-    out_index: int, layer: OutputLayer, sources: dict[str, Source], base: Source, dtype: torch.dtype
-) -> list[TensorJob]:
+def layer_jobs(
+    out_index: int,
+    layer: OutputLayer,
+    sources: dict[str, Source],
+    dtype: torch.dtype,
+    base_model: str = "base",
+) -> dict[str, TensorJob]:
+    """The jobs of output layer ``out_index``, by tensor name inside the layer (``mlp.up_proj.
+    weight``): what the build writes, and what the trial runner runs a candidate layer with.
+    ``base_model`` names the model whose layout and tensor names the output takes."""
+    base = sources[base_model]
     where = f"output layer {out_index} ({layer.describe()})"
     refs = list(layer.sources) + ([layer.base] if layer.base else [])
     tensors = []
@@ -251,16 +257,14 @@ def _layer_jobs(
         _same_layout(
             where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference
         )
-    jobs = []
+    jobs = {}
     for rest, info in first.items():
         inputs = tuple(Input(sources[m], t[rest]) for (m, _), t in zip(layer.sources, tensors))
         base_input = Input(sources[layer.base[0]], tensors[-1][rest]) if layer.base else None
         name = base.arch.layer_name(out_index, rest)
         job_layer = layer if info.dtype.is_floating_point else PASSTHROUGH
-        jobs.append(
-            TensorJob(
-                name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index
-            )
+        jobs[rest] = TensorJob(
+            name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index
         )
     return jobs
 

@@ -1,10 +1,11 @@
 """The Recipe: a small, serialisable description of a tailored model.
 
 Every method produces one and every consumer (build, assemble, model card)
-reads one.  The YAML form is a user-facing contract (see RECIPE.md in the
-docs); this module parses it strictly — unknown keys are an error — and
-expands it into ``OutputLayer`` records, one per output layer, that the
-planner turns into tensors.
+reads one.  The YAML form is a user-facing contract (docs/recipe.md); this
+module parses it strictly — unknown keys are an error — and expands it into
+``OutputLayer`` records, one per output layer: the one spec of an output layer
+that the planner turns into tensors, the trial runner into a forward step and
+the methods build directly (``Recipe.from_layers`` writes them back).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -28,7 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from tailorkit.errors import RecipeError
+from tailorkit.errors import RecipeError, validation_message
+from tailorkit.version import __version__
 
 MERGE_METHODS = ("passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,7 +75,7 @@ class LayerRange(_Strict):
 class Merge(_Strict):
     """One output layer computed from several source layers."""
 
-    merge: Literal["passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco"]
+    merge: Literal[MERGE_METHODS]
     sources: list[LayerRef] = Field(min_length=1)
     base: LayerRef | None = None
     lambda_: float | None = Field(default=None, alias="lambda", description="task-vector scale")
@@ -158,18 +161,21 @@ LayerEntry = Annotated[
 
 @dataclass(frozen=True)
 class OutputLayer:
-    """One output layer, expanded: a method, its inputs and its parameters."""
+    """One output layer, expanded: a method, its inputs and its parameters (hashable)."""
 
     method: str
     sources: tuple[tuple[str, int], ...]  # (model, layer)
     weights: tuple[float, ...] = ()  # effective coefficients, meaning depends on method
     base: tuple[str, int] | None = None
-    params: dict[str, float] = field(default_factory=dict)
+    params: tuple[tuple[str, float], ...] = ()  # (name, value): lambda, density, t
 
     @property
     def first(self) -> tuple[str, int]:
         """The source whose per-layer config settings (layer_types, ...) this layer takes."""
         return self.sources[0]
+
+    def param(self, name: str) -> float:
+        return dict(self.params)[name]
 
     def describe(self) -> str:
         """One line for tables and errors, e.g. ``linear(a[3] x0.6, b[3] x0.4)``."""
@@ -180,8 +186,22 @@ class OutputLayer:
             refs = [f"{r} x{w:.3g}" for r, w in zip(refs, self.weights)]
         if self.base:
             refs.insert(0, f"base {self.base[0]}[{self.base[1]}]")
-        refs += [f"{k}={v:.3g}" for k, v in self.params.items()]
+        refs += [f"{k}={v:.3g}" for k, v in self.params]
         return f"{self.method}({', '.join(refs)})"
+
+    def entry(self) -> dict[str, Any]:
+        """This layer as a recipe entry, which ``Recipe.output_layers`` expands back into it."""
+        refs: list[dict[str, Any]] = [{"from": m, "layer": i} for m, i in self.sources]
+        if self.method == "passthrough":
+            return refs[0]
+        unequal = self.method == "linear" and len(set(self.weights)) > 1
+        scaled = self.method == "task_arithmetic" and any(w != 1.0 for w in self.weights)
+        if unequal or scaled:
+            refs = [dict(r, weight=w) for r, w in zip(refs, self.weights)]
+        entry: dict[str, Any] = {"merge": self.method, "sources": refs}
+        if self.base:
+            entry["base"] = {"from": self.base[0], "layer": self.base[1]}
+        return entry | dict(self.params)
 
 
 class Recipe(_Strict):
@@ -193,7 +213,7 @@ class Recipe(_Strict):
     base: str | None = Field(
         default=None, description="model whose config, tokenizer and non-layer tensors are used"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: Literal[DTYPES] | None = None
     layers: list[LayerEntry] = Field(min_length=1)
     embeddings: str | None = None
     head: str | None = None
@@ -249,13 +269,40 @@ class Recipe(_Strict):
                 out.append(_expand_merge(entry))
         return out
 
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def identity(cls, model: str, num_layers: int) -> Recipe:
+        """Every layer of ``model`` passed through: the dense model as a recipe."""
+        return cls.from_dict(
+            {"models": {"base": model}, "layers": [{"from": "base", "layers": [0, num_layers]}]}
+        )
+
+    @classmethod
+    def from_layers(
+        cls, models: dict[str, str], layers: Sequence[OutputLayer], dtype: str | None = None
+    ) -> Recipe:
+        """The recipe whose expansion is ``layers``; runs of layers one model passes through
+        become ranges."""
+        entries: list[dict[str, Any]] = []
+        for layer in layers:
+            entry = layer.entry()
+            last = entries[-1] if entries else {}
+            if "layer" in entry and "merge" not in last and last.get("from") == entry["from"]:
+                start, stop = last.get("layers") or (last["layer"], last["layer"] + 1)
+                if entry["layer"] == stop:
+                    entries[-1] = {"from": entry["from"], "layers": [start, stop + 1]}
+                    continue
+            entries.append(entry)
+        data: dict[str, Any] = {"models": dict(models), "layers": entries}
+        if dtype:
+            data["dtype"] = dtype
+        return cls.from_dict(data)
+
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        from tailorkit import __version__
-
         text = f"# tailorkit {__version__} recipe\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, default_flow_style=None, width=100
         )
@@ -281,7 +328,14 @@ class Recipe(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise RecipeError(_format_errors(where, e)) from None
+            raise RecipeError(
+                validation_message(
+                    f"{where}: invalid recipe",
+                    e,
+                    "unknown key (not part of the recipe format)",
+                    skip=_TAGS,
+                )
+            ) from None
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -322,26 +376,15 @@ def _expand_merge(m: Merge) -> OutputLayer:
         return OutputLayer("linear", sources, tuple(w / total for w in raw))
     if m.merge == "task_arithmetic":
         return OutputLayer(
-            "task_arithmetic", sources, tuple(raw), base, {"lambda": _or(m.lambda_, 1.0)}
+            "task_arithmetic", sources, tuple(raw), base, (("lambda", _or(m.lambda_, 1.0)),)
         )
     if m.merge == "ties":
-        params = {"lambda": _or(m.lambda_, 1.0), "density": _or(m.density, 1.0)}
+        params = (("lambda", _or(m.lambda_, 1.0)), ("density", _or(m.density, 1.0)))
         return OutputLayer("ties", sources, (), base, params)
     if m.merge == "slerp":
-        return OutputLayer("slerp", sources, (), None, {"t": _or(m.t, 0.5)})
+        return OutputLayer("slerp", sources, (), None, (("t", _or(m.t, 0.5)),))
     return OutputLayer(m.merge, sources)
 
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
-
-
-def _format_errors(where: str, e: ValidationError) -> str:
-    lines = [f"{where}: invalid recipe"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in _TAGS)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the recipe format)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)

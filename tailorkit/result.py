@@ -41,7 +41,7 @@ class PruneResult:
 
     def model_card(self):
         """The model card (``huggingface_hub.ModelCard``) that save_pretrained writes."""
-        from tailorkit.hub import make_model_card
+        from tailorkit.card import make_model_card
 
         settings = dict(self.report.get("settings", {}))
         return make_model_card(

@@ -15,9 +15,8 @@ in float64 and never rounded (the reference SLM code truncated it to integers).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -69,16 +68,32 @@ def cka_matrix(
     (from memory, or straight from the memory-mapped activation files) and runs the
     GEMMs there.
     """
+    return cka_from_hsic(
+        h for feats in batches for h in hsic_minibatches(feats, kernel, minibatch, device)
+    )
+
+
+def hsic_minibatches(
+    feats: torch.Tensor,
+    kernel: str = "linear",
+    minibatch: int = DEFAULT_MINIBATCH,
+    device: str | torch.device | None = None,
+) -> Iterator[torch.Tensor]:
+    """The ``(L, L)`` HSIC of each minibatch of ``feats`` ``(L, n, d)``, on the CPU."""
+    for start in range(0, feats.shape[1], minibatch):
+        chunk = feats[:, start : start + minibatch]  # (L, m, d)
+        if chunk.shape[1] < 4:
+            continue
+        if device is not None:
+            chunk = chunk.to(device, non_blocking=True)
+        yield ops.hsic_all_pairs(gram_matrices(chunk, kernel)).cpu()
+
+
+def cka_from_hsic(hsics: Iterable[torch.Tensor]) -> torch.Tensor:
+    """CKA from per-minibatch HSIC matrices, summed in order."""
     total = None
-    for feats in batches:
-        for start in range(0, feats.shape[1], minibatch):
-            chunk = feats[:, start : start + minibatch]  # (L, m, d)
-            if chunk.shape[1] < 4:
-                continue
-            if device is not None:
-                chunk = chunk.to(device, non_blocking=True)
-            hsic = ops.hsic_all_pairs(gram_matrices(chunk, kernel)).cpu()
-            total = hsic if total is None else total + hsic
+    for hsic in hsics:
+        total = hsic if total is None else total + hsic
     if total is None:
         raise MethodError("CKA needs at least 4 examples (tokens); the calibration gave fewer")
     return normalise_hsic(total)
@@ -91,22 +106,12 @@ def normalise_hsic(hsic: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, hsic / denom.clamp_min(1e-300), torch.zeros_like(hsic))
 
 
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row cosine of two ``(n, d)`` tensors, in float64."""
-    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-
-
 def block_influence(boundaries: Iterable[torch.Tensor]) -> torch.Tensor:
     """ShortGPT's Block Influence per layer: ``1 - mean cos(input, output)`` over tokens.
 
     ``boundaries`` yields ``(L + 1, n, d)`` tensors (``Activations.boundaries()``).
     """
-    sums, count = None, 0
-    for b in boundaries:
-        cos = torch.stack([_cosines(b[i], b[i + 1]).sum() for i in range(b.shape[0] - 1)])
-        sums = cos if sums is None else sums + cos
-        count += b.shape[1]
-    return 1 - sums / count
+    return 1 - _mean_over_tokens(boundaries, 1, lambda cos: cos)
 
 
 def angular_distance(boundaries: Iterable[torch.Tensor], span: int) -> torch.Tensor:
@@ -116,17 +121,24 @@ def angular_distance(boundaries: Iterable[torch.Tensor], span: int) -> torch.Ten
     ``l .. l+span-1`` changes the hidden state; averaged over all tokens (the paper
     used the last token of each sequence; all tokens give a steadier estimate).
     """
+    return _mean_over_tokens(boundaries, span, lambda cos: cos.clamp(-1, 1).acos()) / math.pi
+
+
+def _mean_over_tokens(boundaries: Iterable[torch.Tensor], span: int, fn) -> torch.Tensor:
+    """For each start l, the mean over tokens of ``fn(cos(h_l, h_{l+span}))``, in float64."""
     sums, count = None, 0
     for b in boundaries:
-        n_starts = b.shape[0] - span
-        if n_starts < 1:
+        starts = b.shape[0] - span
+        if starts < 1:
             raise MethodError(f"span {span} is longer than the model's {b.shape[0] - 1} layers")
-        ang = torch.stack(
-            [_cosines(b[i], b[i + span]).clamp(-1, 1).acos().sum() for i in range(n_starts)]
-        )
-        sums = ang if sums is None else sums + ang
+        cos = [
+            torch.nn.functional.cosine_similarity(b[i].double(), b[i + span].double(), -1)
+            for i in range(starts)
+        ]
+        values = torch.stack([fn(c).sum() for c in cos])
+        sums = values if sums is None else sums + values
         count += b.shape[1]
-    return sums / count / math.pi
+    return sums / count
 
 
 def plot_heatmap(matrix: torch.Tensor, path: str | Path, title: str = "CKA") -> Path:
@@ -150,12 +162,4 @@ def plot_heatmap(matrix: torch.Tensor, path: str | Path, title: str = "CKA") -> 
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
-    return path
-
-
-def save_json(path: str | Path, **figures) -> Path:
-    """Write tensors and numbers as JSON (tensors as nested lists)."""
-    data = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in figures.items()}
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=1) + "\n")
     return path

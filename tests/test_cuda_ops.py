@@ -159,6 +159,22 @@ def test_ties_cuda_hand_made_case():
     assert torch.equal(got.cpu(), torch.tensor([1.0, 1.0, -2.5, 0.25, 1.0, 0.0]))
 
 
+def test_ties_cuda_past_the_kernels_source_limit_takes_the_reference(gen):
+    """The limit is the kernel's own (exported by tailorkit._C): at it the kernel runs, one
+    more source and the reference does; both agree with the CPU."""
+    limit = ops._C.cuda_ties_max_sources()
+    assert limit == ops._CUDA_TIES_MAX_SOURCES >= 2
+    base = torch.randn(1031, generator=gen)
+    for k in (limit, limit + 1):
+        sources = [base + 0.01 * torch.randn(1031, generator=gen) for _ in range(k)]
+        thresholds = ops.ties_thresholds(base, sources, 0.5)
+        want = ops._ties_merge_reference(base, sources, thresholds, 0.7, torch.float32)
+        got = ops.ties_merge(
+            base.cuda(), [s.cuda() for s in sources], thresholds, 0.7, torch.float32
+        )
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-6)
+
+
 def test_mixed_devices_are_explained():
     a = torch.zeros(4)
     with pytest.raises(ValueError, match="same device"):
@@ -170,13 +186,13 @@ def test_mixed_devices_are_explained():
 LAYERS = {
     "linear": OutputLayer("linear", (("a", 0), ("b", 0)), (0.3, 0.7)),
     "task_arithmetic": OutputLayer(
-        "task_arithmetic", (("a", 0), ("b", 0)), (1.0, 0.5), ("base", 0), {"lambda": 0.6}
+        "task_arithmetic", (("a", 0), ("b", 0)), (1.0, 0.5), ("base", 0), (("lambda", 0.6),)
     ),
     "laco": OutputLayer("laco", (("base", 0), ("a", 0), ("b", 0))),
     "ties": OutputLayer(
-        "ties", (("a", 0), ("b", 0)), (), ("base", 0), {"lambda": 0.8, "density": 0.3}
+        "ties", (("a", 0), ("b", 0)), (), ("base", 0), (("lambda", 0.8), ("density", 0.3))
     ),
-    "slerp": OutputLayer("slerp", (("a", 0), ("b", 0)), (), None, {"t": 0.3}),
+    "slerp": OutputLayer("slerp", (("a", 0), ("b", 0)), (), None, (("t", 0.3),)),
 }
 
 

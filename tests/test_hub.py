@@ -27,8 +27,9 @@ from huggingface_hub import ModelCard, constants
 
 import tailorkit as tk
 from tailorkit import cli
-from tailorkit.errors import CheckpointError
-from tailorkit.hub import HubError, make_model_card, push_folder
+from tailorkit.card import make_model_card
+from tailorkit.errors import CheckpointError, HubError
+from tailorkit.hub import push_folder
 
 TOKEN = "hf_tailorkitTestSecret0123456789abcdefXYZ"
 

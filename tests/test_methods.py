@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tailorkit as tk
-from tailorkit.methods.common import Fused
+from tailorkit.methods.common import coefficients, combine, fold
 from tailorkit.similarity import angular_distance, block_influence, cka_matrix
+from tailorkit.trials import keep
 
 LAYERS = 8
 
@@ -149,12 +150,16 @@ def test_laco_folds_with_composed_weights(model_dir, tokens, per_layer):
 
 
 def test_fold_composition_is_laco_of_laco():
-    inner = Fused.fold((3, 4))  # (2 - 2) theta_3 + theta_4: a 2-fold keeps only the top
-    assert inner.weights == (0.0, 1.0) and inner.is_laco
-    outer = Fused.keep(2).combine([inner, Fused.keep(5)])  # (2 - 3) theta_2 + inner + theta_5
-    assert dict(zip(outer.layers, outer.weights)) == {2: -1.0, 4: 1.0, 5: 1.0}
-    assert outer.recipe_entry()["merge"] == "linear"
-    assert Fused.fold((2, 3, 4)).recipe_entry()["merge"] == "laco"
+    inner = fold((3, 4))  # (2 - 2) theta_3 + theta_4: a 2-fold keeps only the top
+    assert coefficients(inner) == {3: 0.0, 4: 1.0} and inner.method == "laco"
+    outer = combine(keep(2), [inner, keep(5)])  # (2 - 3) theta_2 + inner + theta_5
+    assert coefficients(outer) == {2: -1.0, 4: 1.0, 5: 1.0}
+    assert outer.entry()["merge"] == "linear"
+    assert fold((2, 3, 4)).entry()["merge"] == "laco"
+    assert combine(keep(2), [keep(3), keep(4)]) == fold((2, 3, 4))  # kept layers: a LaCo fold
+    # A plan written as a recipe expands back into exactly the layers that were scored.
+    plan = [keep(0), keep(1), outer, fold((6, 7), "average"), keep(8)]
+    assert tk.Recipe.from_layers({"base": "m"}, plan).output_layers() == plan
 
 
 @pytest.mark.parametrize(
@@ -165,9 +170,9 @@ def test_fold_composition_is_laco_of_laco():
         ({"method": "slm", "threshold": 1.5}, r"outside \[0, 1\]"),
         ({"method": "slm", "threshold": -2, "similarity": "cosine"}, r"outside \[-1, 1\]"),
         ({"method": "slm"}, "either target_ratio or threshold"),
-        ({"method": "slm", "target_ratio": 0.2, "fusion": "max"}, "fusion must be"),
+        ({"method": "slm", "target_ratio": 0.2, "fusion": "max"}, "fusion: Input should be"),
         ({"method": "nope", "target_ratio": 0.2}, "unknown method 'nope'"),
-        ({"method": "shortgpt", "target_ratio": 0.2, "colour": 1}, "unexpected keyword"),
+        ({"method": "shortgpt", "target_ratio": 0.2, "colour": 1}, "colour: unknown setting"),
     ],
 )
 def test_bad_settings_are_clear_errors(model_dir, tokens, kwargs, message):

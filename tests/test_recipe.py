@@ -63,9 +63,11 @@ def test_recipe_md_example_parses_and_expands(tmp_path):
     assert layers[12].sources == (("chat", 12),)
     assert layers[13].weights == pytest.approx((0.6, 0.4))
     ta = layers[14]
-    assert ta.base == ("base", 14) and ta.params == {"lambda": 0.7} and ta.weights == (1.0, 1.0)
-    assert layers[15].params == {"lambda": 1.0, "density": 0.5}
-    assert layers[16].params == {"t": 0.3}
+    assert (
+        ta.base == ("base", 14) and dict(ta.params) == {"lambda": 0.7} and ta.weights == (1.0, 1.0)
+    )
+    assert dict(layers[15].params) == {"lambda": 1.0, "density": 0.5}
+    assert dict(layers[16].params) == {"t": 0.3}
     assert layers[17].sources == (("base", 17), ("base", 18), ("base", 19))
     assert r.base_model == "base" and r.embeddings_model == "base" and r.dtype == "bfloat16"
 

@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tailorkit as tk
+from tailorkit import objectives
 from tailorkit.cli import main
-from tailorkit.search import objectives
 from tailorkit.search.driver import LOG_NAME, SearchSettings, run_search
-from tailorkit.search.evaluator import Evaluator, EvaluatorConfig
 from tailorkit.search.executors import LocalExecutor
 from tailorkit.search.space import SearchSpace, encode
+from tailorkit.trials import RunnerConfig, TrialRunner
 
 LAYERS = 4
 
@@ -38,15 +38,16 @@ def space(family):
     )
 
 
-def _config(family, tokens, **settings) -> EvaluatorConfig:
-    """The tiny family's evaluator settings: two fine-tunes, two batches of 4 windows."""
+def _config(family, tokens, objective="kl", lm_eval=None, **settings) -> RunnerConfig:
+    """The tiny family's search runner: two fine-tunes, two batches of 4 windows."""
     candidates = {"c1": str(family.candidates[0]), "c2": str(family.candidates[1])}
-    return EvaluatorConfig(str(family.base), candidates, tokens, batch_size=4, **settings)
+    logits = objectives.Logits.parse(objective, lm_eval)
+    return RunnerConfig(str(family.base), tokens, candidates, logits, batch_size=4, **settings)
 
 
 @pytest.fixture(scope="module")
 def evaluator(family, tokens):
-    return Evaluator(_config(family, tokens))
+    return TrialRunner(_config(family, tokens))
 
 
 def test_every_genome_decodes_to_a_valid_recipe_removing_exactly_r(space):
@@ -63,7 +64,7 @@ def test_every_genome_decodes_to_a_valid_recipe_removing_exactly_r(space):
                 # The task vector is taken against the base layer at the SAME depth.
                 assert layer.base == ("base", layer.sources[0][1])
                 assert all(i == layer.base[1] for _, i in layer.sources)
-                assert 0 <= layer.params["lambda"] <= 1
+                assert 0 <= layer.param("lambda") <= 1
             seen.add(layer.method)
         recipe.plan()  # validates against the real files
     assert seen == {"passthrough", "task_arithmetic"}
@@ -117,10 +118,10 @@ def test_evaluator_logits_equal_the_assembled_and_built_model(space, evaluator, 
 
 def test_token_objectives_match_a_direct_computation(space, family, tokens):
     config = _config(family, tokens, objective={"kl": 1.0, "loss": 0.5})
-    evaluator = Evaluator(config)
+    evaluator = TrialRunner(config)
     recipe = space.decode(space.initial([1, 2, 3, 4]))
-    got = evaluator.evaluate(recipe)
-    assert evaluator.stats["head_passes"] == 2  # one LM-head pass per batch serves both terms
+    got = evaluator.score(recipe)
+    assert evaluator.stats.objective_passes == 2  # one LM-head pass per batch serves both terms
     base = AutoModelForCausalLM.from_pretrained(space.base)
     cand = tk.assemble(recipe)
     with torch.no_grad():
@@ -132,16 +133,16 @@ def test_token_objectives_match_a_direct_computation(space, family, tokens):
 
 
 def test_a_small_state_cache_stays_in_its_bound_and_changes_nothing(space, family, tokens):
-    probe = Evaluator(_config(family, tokens))
+    probe = TrialRunner(_config(family, tokens))
     state = probe.traces[0].states[0]
     bound = 3 * state.numel() * state.element_size()  # room for three prefix states
-    small = Evaluator(_config(family, tokens, state_cache_bytes=bound))
+    small = TrialRunner(_config(family, tokens, state_cache_bytes=bound))
     rng = np.random.default_rng(5)
     for _ in range(8):
         recipe = space.decode(rng.normal(size=space.dimension))
-        assert small.evaluate(recipe) == probe.evaluate(recipe)
-        assert 0 < small._state_bytes <= bound
-    assert small.stats["layer_forwards"] > probe.stats["layer_forwards"]  # it evicted
+        assert small.score(recipe) == probe.score(recipe)
+        assert 0 < small._states.used <= bound
+    assert small.stats.layer_forwards > probe.stats.layer_forwards  # it evicted
 
 
 def test_token_sums_keep_float64_accuracy_over_a_large_vocabulary():
@@ -171,57 +172,58 @@ def test_lm_eval_objective_scores_the_assembled_candidate_once(space, family, to
 
     settings = {"tasks": ["tk_next_line_code"], "limit": 4}
     config = _config(family, tokens, objective={"kl": 1.0, "lm_eval": 0.5}, lm_eval=settings)
-    evaluator = Evaluator(config)
+    evaluator = TrialRunner(config)
     recipe = space.decode(space.initial([1, 2, 3, 4]))
-    got = evaluator.evaluate(recipe)
-    kl = Evaluator(dataclasses.replace(config, objective={"kl": 1.0})).evaluate(recipe)
+    got = evaluator.score(recipe)
+    kl = TrialRunner(_config(family, tokens)).score(recipe)
     tokenizer = AutoTokenizer.from_pretrained(space.base)
     row = run_tasks(tk.assemble(recipe), tokenizer, settings["tasks"], limit=settings["limit"])
     accuracy = row["tk_next_line_code"]["acc_norm"]
     assert got == pytest.approx(kl + 0.5 * (1 - accuracy), abs=1e-12)
-    assert evaluator.evaluate(recipe) == got  # served from the memo: lm-eval does not run again
-    assert evaluator.stats["scores_reused"] == 3  # two batches and the lm-eval score
+    assert evaluator.score(recipe) == got  # served from the memo: lm-eval does not run again
+    assert evaluator.stats.scores_reused == 3  # two batches and the lm-eval score
 
 
-def test_prefix_states_and_scores_are_reused(space, evaluator):
+def test_prefix_states_and_scores_are_reused(space, evaluator, family, tokens):
     two = len(evaluator.traces)  # counts are per (layer, batch)
     assert two == 2
-    before = dict(evaluator.stats)
+    before = dataclasses.replace(evaluator.stats)
     a = space.initial([4, 3, 2, 1])  # keeps 0, 1, 2
     b = a.copy()
     b[LAYERS + 2 * 2] = 1.0  # only layer 2 differs (from c1)
-    evaluator.evaluate(space.decode(a))
-    mid = dict(evaluator.stats)
-    evaluator.evaluate(space.decode(b))
-    after = dict(evaluator.stats)
-    assert after["layers_reused"] - mid["layers_reused"] == 2 * two  # layers 0 and 1
-    assert after["layer_forwards"] - mid["layer_forwards"] == 1 * two
-    first = evaluator.evaluate(space.decode(a))  # seen before: nothing runs
-    assert evaluator.stats["layer_forwards"] == after["layer_forwards"]
-    assert evaluator.stats["scores_reused"] == after["scores_reused"] + two
-    assert mid["evaluations"] == before["evaluations"] + 1
+    evaluator.score(space.decode(a))
+    mid = dataclasses.replace(evaluator.stats)
+    evaluator.score(space.decode(b))
+    after = dataclasses.replace(evaluator.stats)
+    assert after.layers_reused - mid.layers_reused == 2 * two  # layers 0 and 1
+    assert after.layer_forwards - mid.layer_forwards == 1 * two
+    first = evaluator.score(space.decode(a))  # seen before: nothing runs
+    assert evaluator.stats.layer_forwards == after.layer_forwards
+    assert evaluator.stats.scores_reused == after.scores_reused + two
+    assert mid.evaluations == before.evaluations + 1
+    assert mid.layer_forwards == before.layer_forwards  # a's layers are the base's: recorded
     report = evaluator.cache_report()
     assert 0 < report["prefix_hit_rate"] < 1 and 0 < report["layer_work_saved"] < 1
     # A candidate scored on the small slice (batch 0) reruns only batch 1 at full fidelity.
     c = a.copy()
     c[LAYERS + 0 * 2 + 1] = 1.0  # layer 0 from c2
-    evaluator.evaluate(space.decode(c), windows=4)
-    small = dict(evaluator.stats)
-    full = evaluator.evaluate(space.decode(c))
-    assert evaluator.stats["layer_forwards"] - small["layer_forwards"] == LAYERS - 1
-    assert evaluator.stats["scores_reused"] == small["scores_reused"] + 1
+    evaluator.score(space.decode(c), windows=4)
+    small = dataclasses.replace(evaluator.stats)
+    full = evaluator.score(space.decode(c))
+    assert evaluator.stats.layer_forwards - small.layer_forwards == LAYERS - 1
+    assert evaluator.stats.scores_reused == small.scores_reused + 1
     # The caches change nothing but the time taken.
-    fresh = Evaluator(dataclasses.replace(evaluator.config, caches=False))
-    assert fresh.evaluate(space.decode(c)) == full
-    assert fresh.evaluate(space.decode(a)) == first
-    assert fresh.stats["layers_reused"] == fresh.stats["scores_reused"] == 0
+    fresh = TrialRunner(_config(family, tokens, caches=False))
+    assert fresh.score(space.decode(c)) == full
+    assert fresh.score(space.decode(a)) == first
+    assert fresh.stats.layers_reused == fresh.stats.scores_reused == 0
 
 
 def _search(space, evaluator, out_dir, resume=False, budget=18):
     settings = SearchSettings(budget=budget, popsize=6, seed=7, fidelity_windows=4)
     x0 = space.initial([4, 1, 3, 2])
     runner = LocalExecutor.__new__(LocalExecutor)
-    runner.evaluator = evaluator
+    runner.runner = evaluator
     return run_search(space, runner, x0, settings, out_dir, resume=resume, progress=False)
 
 
@@ -288,7 +290,7 @@ def test_cli_gptailor_builds_and_resumes(family, tmp_path):
     card = (out / "README.md").read_text()
     assert "convergence.png" in card
     report = json.loads((out / "report.json").read_text())
-    cache = report["search"]["evaluator_cache"]
+    cache = report["search"]["runner"]
     assert cache["evaluations"] > 12 and cache["prefix_hit_rate"] > 0
     # Resume into the same folder: the logged generations are replayed, same recipe.
     assert main([*args, "--out", str(out), "--resume", "--overwrite"]) == 0
@@ -314,7 +316,7 @@ def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factor
         ({"budget": 4, "popsize": 6}, "smaller than one generation"),
         ({"objective": "accuracy"}, "unknown objective 'accuracy'"),
         ({"target_ratio": 0.99}, "cannot be reached"),
-        ({"executor": "slurm"}, "executor must be one of local, ray"),
+        ({"executor": "slurm"}, "executor: Input should be 'local' or 'ray'"),
         ({"state_cache": "lots"}, "state_cache 'lots': expected a number with a unit"),
     ],
 )
@@ -332,27 +334,27 @@ def test_gptailor_bad_settings(family, tokens, settings, message):
 
 
 def test_evaluator_refuses_a_device_it_cannot_use(family, tokens, capsys):
-    config = EvaluatorConfig(base=str(family.base), candidates={}, windows=tokens, device="tpu")
+    config = RunnerConfig(base=str(family.base), windows=tokens, device="tpu")
     with pytest.raises(tk.TailorkitError, match="runs on 'cpu'"):
-        Evaluator(config)
+        TrialRunner(config)
     assert main(["prune", "--base", str(family.base), "--device", "cuda", "-q"]) != 0
-    assert "--device are for --method gptailor" in capsys.readouterr().err
+    assert "--device is for --method gptailor" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_evaluator_on_cuda_agrees_with_the_cpu_and_its_caches_change_nothing(space, family, tokens):
     config = _config(family, tokens)
-    cpu = Evaluator(config)
-    gpu = Evaluator(dataclasses.replace(config, device="cuda"))
-    uncached = Evaluator(dataclasses.replace(config, device="cuda", caches=False))
+    cpu = TrialRunner(config)
+    gpu = TrialRunner(dataclasses.replace(config, device="cuda"))
+    uncached = TrialRunner(dataclasses.replace(config, device="cuda", caches=False))
     rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))  # fresh each run
     genomes = [rng.normal(size=space.dimension) for _ in range(6)]
     genomes += [g + rng.normal(size=space.dimension) * 0.1 for g in genomes]  # shared prefixes
     for x in genomes:
         recipe = space.decode(x)
-        on = gpu.evaluate(recipe, windows=4)
-        assert on == pytest.approx(cpu.evaluate(recipe, windows=4), rel=1e-4, abs=1e-6)
-        assert on == uncached.evaluate(recipe, windows=4)
-        assert gpu.evaluate(recipe) == uncached.evaluate(recipe)
-    assert gpu.stats["layers_reused"] > 0 and gpu.stats["scores_reused"] > 0
+        on = gpu.score(recipe, windows=4)
+        assert on == pytest.approx(cpu.score(recipe, windows=4), rel=1e-4, abs=1e-6)
+        assert on == uncached.score(recipe, windows=4)
+        assert gpu.score(recipe) == uncached.score(recipe)
+    assert gpu.stats.layers_reused > 0 and gpu.stats.scores_reused > 0

@@ -12,8 +12,8 @@ from tiny_models import ARCHITECTURES
 import tailorkit as tk
 from tailorkit import ops
 from tailorkit.activations import capture
-from tailorkit.forward import Step
-from tailorkit.prune import load_base
+from tailorkit.checkpoint.source import Source
+from tailorkit.forward import DecoderStack, Step
 from tailorkit.similarity import (
     angular_distance,
     block_influence,
@@ -122,7 +122,7 @@ def test_block_influence_and_angular_distance_match_direct_formulas():
 def test_layer_by_layer_run_reproduces_the_model(tiny_model_factory, arch):
     """Recorded states equal the model's hidden states, and replaying the layers one by one
     from a recorded state gives the model's logits exactly, for every architecture."""
-    _, stack = load_base(str(tiny_model_factory(arch, num_layers=5)))
+    stack = DecoderStack.load(Source(str(tiny_model_factory(arch, num_layers=5))))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     trace = stack.trace(ids)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_layer_by_layer_run_reproduces_the_model(tiny_model_factory, arch):
 
 
 def test_activations_offloaded_to_disk_are_mapped_and_equal(tiny_model_factory, tmp_path):
-    _, stack = load_base(str(tiny_model_factory("qwen3", num_layers=4)))
+    stack = DecoderStack.load(Source(str(tiny_model_factory("qwen3", num_layers=4))))
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(1))
     in_memory = capture(stack, ids, batch_size=2, offload=False, progress=False)
     on_disk = capture(stack, ids, batch_size=2, offload=tmp_path / "acts", progress=False)
@@ -159,7 +159,7 @@ def test_activations_offloaded_to_disk_are_mapped_and_equal(tiny_model_factory, 
 
 
 def test_nan_in_activations_names_the_layer(tiny_model_factory):
-    _, stack = load_base(str(tiny_model_factory("llama", num_layers=4)))
+    stack = DecoderStack.load(Source(str(tiny_model_factory("llama", num_layers=4))))
     with torch.no_grad():
         stack.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))

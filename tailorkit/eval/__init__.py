@@ -10,8 +10,8 @@ The same from the shell: ``tailorkit eval out/smol-22L --ppl book.txt --tasks tk
 --limit 100 --compare builtin:smollm2-135m-instruct --json eval.json``.
 """
 
+from tailorkit.errors import EvalError
 from tailorkit.eval.compare import Evaluation, render_tables, retention
-from tailorkit.eval.errors import EvalError
 from tailorkit.eval.perplexity import Perplexity, perplexity, sliding_windows
 from tailorkit.eval.run import evaluate, load_model
 from tailorkit.eval.tasks import TASKS_DIR, builtin_tasks, run_tasks

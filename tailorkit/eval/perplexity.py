@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tailorkit.eval.errors import EvalError
+from tailorkit.errors import EvalError
 
 DEFAULT_CONTEXT_LENGTH = 2048
 

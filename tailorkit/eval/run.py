@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from tailorkit.errors import CheckpointError
+from tailorkit.devices import resolve_device
+from tailorkit.errors import CheckpointError, EvalError
 from tailorkit.eval.compare import Evaluation
-from tailorkit.eval.errors import EvalError
 from tailorkit.eval.perplexity import perplexity, read_text, resolve_context
+from tailorkit.plan import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,8 @@ def check_checkpoint_dir(path: Path) -> None:
         raise CheckpointError(f"{path}: not a model checkpoint: {why}")
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvalError(
-            f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {device} was asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def _dtype(dtype: str | torch.dtype | None):
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    allowed = ("float32", "bfloat16", "float16")
-    if dtype not in allowed:
-        raise EvalError(f"dtype {dtype!r} is not one of auto, {', '.join(allowed)}")
-    return getattr(torch, dtype)
+    return "auto" if dtype in (None, "auto") else torch_dtype(dtype)
 
 
 def _load_tokenizer(ref, fallback: Path | None):
@@ -107,22 +87,29 @@ def load_model(
     from tailorkit.plan import Plan
     from tailorkit.recipe import Recipe
 
-    target = _device(device)
+    target = resolve_device("auto" if device is None else device)
+    name = None
+    if isinstance(model, (str, Path)) and Path(model).expanduser().is_file():
+        if Path(model).suffix not in RECIPE_SUFFIXES:
+            raise CheckpointError(
+                f"{model}: a file, but not a recipe (.yaml/.json); a model is a directory"
+            )
+        name, model = str(model), Recipe.load(Path(model).expanduser())
     is_result = hasattr(model, "recipe") and hasattr(model, "plan") and hasattr(model, "model")
     if isinstance(model, (Recipe, Plan)) or is_result:
         # A recipe or plan (assembled in memory), or a PruneResult (its model, assembled).
         from tailorkit.assemble import assemble
 
-        plan = (
-            model.plan()
-            if isinstance(model, Recipe)
-            else model
-            if isinstance(model, Plan)
-            else model.plan
-        )
+        if isinstance(model, Recipe):
+            plan = model.plan(
+                None if dtype in (None, "auto") else str(dtype).removeprefix("torch.")
+            )
+        else:
+            plan = model if isinstance(model, Plan) else model.plan
         built = model.model if is_result else assemble(plan)
         tok = _load_tokenizer(tokenizer, plan.base.path)
-        return LoadedModel(built.to(target).eval(), tok, f"recipe {plan.recipe.fingerprint()}")
+        name = name or f"recipe {plan.recipe.fingerprint()}"
+        return LoadedModel(built.to(target).eval(), tok, name)
     if isinstance(model, torch.nn.Module):
         tok_dir = getattr(model, "name_or_path", None) or None
         tok = _load_tokenizer(tokenizer, Path(tok_dir) if tok_dir and tokenizer is None else None)
@@ -134,19 +121,6 @@ def load_model(
 
     ref = str(model)
     path = Path(ref).expanduser()
-    if path.is_file():
-        if path.suffix not in RECIPE_SUFFIXES:
-            raise CheckpointError(
-                f"{ref}: a file, but not a recipe (.yaml/.json); a model is a directory"
-            )
-        from tailorkit.assemble import assemble
-        from tailorkit.recipe import Recipe
-
-        plan = Recipe.load(path).plan(
-            None if dtype in (None, "auto") else str(dtype).removeprefix("torch.")
-        )
-        tok = _load_tokenizer(tokenizer, plan.base.path)
-        return LoadedModel(assemble(plan).to(target), tok, ref)
     if not path.is_dir():
         from tailorkit.checkpoint.source import resolve
 
@@ -214,7 +188,7 @@ def evaluate(
     for f in ppl_files:
         read_text(f)  # fail now, not after loading a model
     manager = task_manager(task_names, task_paths) if task_names else None
-    _device(device)
+    resolve_device("auto" if device is None else device)
     _dtype(dtype)
 
     settings: dict[str, Any] = {
@@ -271,7 +245,7 @@ def evaluate(
 def _versions() -> dict[str, str]:
     import transformers
 
-    from tailorkit import __version__
+    from tailorkit.version import __version__
 
     versions = {"tailorkit": __version__, "torch": torch.__version__}
     versions["transformers"] = transformers.__version__

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tailorkit.eval.errors import EvalError
+from tailorkit.errors import EvalError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks_data"
 BUILTIN_GROUP = "tk_next_line"

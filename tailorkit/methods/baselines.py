@@ -11,133 +11,160 @@
 
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
 from tailorkit.errors import MethodError
-from tailorkit.methods import Context, MethodResult, register
-from tailorkit.methods.common import Fused, plan_recipe, removal_budget
-from tailorkit.methods.scoring import SuffixScorer, check_threshold
+from tailorkit.methods.common import (
+    check_target,
+    combine,
+    largest_threshold,
+    plan_recipe,
+    removal_budget,
+)
+from tailorkit.methods.registry import (
+    TARGET_RATIO,
+    THRESHOLD,
+    Context,
+    MethodResult,
+    Settings,
+    register,
+)
+from tailorkit.objectives import FinalStates
 from tailorkit.similarity import angular_distance, block_influence
+from tailorkit.trials import TrialRunner, keep
 
-LACO_BISECTION_STEPS = 10
+
+class RemovalSettings(Settings):
+    flags = ("target_ratio",)
+
+    target_ratio: float = Field(gt=0, lt=1, description=TARGET_RATIO)
 
 
-@register("shortgpt")
-def shortgpt(ctx: Context, *, target_ratio: float) -> MethodResult:
-    n = ctx.stack.num_layers
-    budget = removal_budget(ctx.source, target_ratio, n - 1)
-    influence = block_influence(ctx.activations.boundaries())
+@register(
+    "shortgpt",
+    settings=RemovalSettings,
+    summary="drop the layers with the lowest Block Influence, 1 - cos(input, output)",
+    label="ShortGPT (Men et al., 2024, arXiv:2403.03853)",
+    description="The layers with the lowest Block Influence (1 - cos(input, output) of the "
+    "layer on calibration text) are removed.",
+    citation="""@article{men2024shortgpt,
+  title   = {{ShortGPT}: Layers in Large Language Models are More Redundant Than You Expect},
+  author  = {Men, Xin and Xu, Mingyu and Zhang, Qingyu and Wang, Bingning and Lin, Hongyu
+             and Lu, Yaojie and Han, Xianpei and Chen, Weipeng},
+  journal = {arXiv preprint arXiv:2403.03853},
+  year    = {2024}
+}""",
+)
+def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
+    n = ctx.runner.num_layers
+    budget = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
+    influence = block_influence(ctx.runner.activations.boundaries())
     dropped = sorted(influence.argsort()[:budget].tolist())
-    plan = [Fused.keep(i) for i in range(n) if i not in dropped]
-    report = {
-        "method": "shortgpt",
-        "settings": {"target_ratio": target_ratio},
-        "block_influence": [round(float(x), 6) for x in influence],
-        "dropped_layers": dropped,
-    }
-    return MethodResult(plan_recipe(ctx.base, plan), report)
+    return _removal(ctx, dropped, block_influence=influence)
 
 
-@register("angular")
-def angular(ctx: Context, *, target_ratio: float) -> MethodResult:
-    n = ctx.stack.num_layers
-    span = removal_budget(ctx.source, target_ratio, n - 1)
-    distance = angular_distance(ctx.activations.boundaries(), span)  # (n - span + 1,)
+@register(
+    "angular",
+    settings=RemovalSettings,
+    summary="drop the contiguous block whose input and output are closest in angle",
+    label="angular distance (Gromov et al., 2024, arXiv:2403.17887)",
+    description="The contiguous block of layers whose input and output are closest in angular "
+    "distance on calibration text is removed.",
+    citation="""@article{gromov2024unreasonable,
+  title   = {The Unreasonable Ineffectiveness of the Deeper Layers},
+  author  = {Gromov, Andrey and Tirumala, Kushal and Shapourian, Hassan and Glorioso, Paolo
+             and Roberts, Daniel A.},
+  journal = {arXiv preprint arXiv:2403.17887},
+  year    = {2024}
+}""",
+)
+def angular(ctx: Context, settings: RemovalSettings) -> MethodResult:
+    n = ctx.runner.num_layers
+    span = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
+    distance = angular_distance(ctx.runner.activations.boundaries(), span)  # (n - span + 1,)
     starts = distance[: n - span]  # blocks that end before the last layer
     start = int(starts.argmin())
-    plan = [Fused.keep(i) for i in range(n) if not start <= i < start + span]
-    report = {
-        "method": "angular",
-        "settings": {"target_ratio": target_ratio},
-        "angular_distance": [round(float(x), 6) for x in distance],
-        "dropped_layers": list(range(start, start + span)),
-    }
-    return MethodResult(plan_recipe(ctx.base, plan), report)
+    return _removal(ctx, list(range(start, start + span)), angular_distance=distance)
 
 
-def laco_pass(
-    scorer: SuffixScorer,
-    num_layers: int,
-    threshold: float,
-    max_removed: int,
-    fold: int,
-    interval: int,
-    lowest: int,
-):
+def _removal(ctx: Context, dropped: list[int], **figures) -> MethodResult:
+    """The base without layers ``dropped``, with the per-layer ``figures`` that chose them."""
+    plan = [keep(i) for i in range(ctx.runner.num_layers) if i not in dropped]
+    report = {k: [round(float(x), 6) for x in v] for k, v in figures.items()}
+    return MethodResult(plan_recipe(ctx.base, plan), {**report, "dropped_layers": dropped})
+
+
+class LacoSettings(Settings):
+    flags = ("target_ratio", "threshold")
+
+    target_ratio: float | None = Field(None, gt=0, lt=1, description=TARGET_RATIO)
+    threshold: float | None = Field(None, description=THRESHOLD)
+    fold: int = Field(4, ge=2, description="layers folded into one at a time")
+    interval: int = Field(2, ge=1, description="layers to move down after a fold")
+    lowest: int = Field(1, ge=0, description="the lowest layer a fold may start at")
+
+    @model_validator(mode="after")
+    def _target(self) -> LacoSettings:
+        check_target("laco", self.target_ratio, self.threshold, "cosine")
+        return self
+
+
+def laco_pass(runner: TrialRunner, threshold: float, max_removed: int, settings: LacoSettings):
     """One top-down LaCo pass; returns (plan, folds)."""
-    plan = [Fused.keep(i) for i in range(num_layers)]
+    num_layers = runner.num_layers
+    objective = FinalStates("cosine")
+    plan = [keep(i) for i in range(num_layers)]
     folds = []
     removed = 0
-    at = num_layers - fold - 1  # the last layer is never folded
-    while at >= lowest and removed < max_removed:
-        width = min(fold, max_removed - removed + 1, len(plan) - 1 - at)
-        merged = plan[at].combine(plan[at + 1 : at + width])
-        trial = [merged, *plan[at + width :]]
+    at = num_layers - settings.fold - 1  # the last layer is never folded
+    while at >= settings.lowest and removed < max_removed:
+        width = min(settings.fold, max_removed - removed + 1, len(plan) - 1 - at)
+        merged = combine(plan[at], plan[at + 1 : at + width])
         # Everything below `at` is still the original model, so position == source index.
-        value = scorer.score(at, trial)
+        value = runner.score([*plan[:at], merged, *plan[at + width :]], objective)
         if value >= threshold:
             plan[at : at + width] = [merged]
             removed += width - 1
-            folds.append({"at": at, "layers": list(merged.layers), "similarity": value})
-            at -= interval
+            folds.append({"at": at, "layers": [i for _, i in merged.sources], "similarity": value})
+            at -= settings.interval
         else:
             at -= 1
     return plan, folds
 
 
-@register("laco")
-def laco(
-    ctx: Context,
-    *,
-    target_ratio: float | None = None,
-    threshold: float | None = None,
-    fold: int = 4,
-    interval: int = 2,
-    lowest: int = 1,
-) -> MethodResult:
-    n = ctx.stack.num_layers
-    if (target_ratio is None) == (threshold is None):
-        raise MethodError("laco takes either target_ratio or threshold (exactly one)")
-    if fold < 2 or interval < 1 or not 0 <= lowest < n - 1:
-        raise MethodError(
-            f"laco needs fold >= 2, interval >= 1 and 0 <= lowest < {n - 1}; "
-            f"got fold={fold}, interval={interval}, lowest={lowest}"
-        )
-    scorer = SuffixScorer(ctx, "cosine")
-    max_removable = n - 1 - lowest - 1
+@register(
+    "laco",
+    settings=LacoSettings,
+    summary="LaCo: fold runs of layers into one while the output stays cosine-similar",
+    label="LaCo (Yang et al., 2024, arXiv:2402.11187)",
+    description="Consecutive layers are folded into one: theta_l + sum_k (theta_(l+k) - theta_l).",
+    citation="""@article{yang2024laco,
+  title   = {{LaCo}: Large Language Model Pruning via Layer Collapse},
+  author  = {Yang, Yifei and Cao, Zouying and Zhao, Hai},
+  journal = {arXiv preprint arXiv:2402.11187},
+  year    = {2024}
+}""",
+)
+def laco(ctx: Context, settings: LacoSettings) -> MethodResult:
+    n, runner = ctx.runner.num_layers, ctx.runner
+    if settings.lowest >= n - 1:
+        raise MethodError(f"laco needs lowest < {n - 1}; got lowest={settings.lowest}")
+    max_removable = n - 1 - settings.lowest - 1
+    threshold = settings.threshold
     if threshold is not None:
-        check_threshold(threshold, "cosine")
-        plan, folds = laco_pass(scorer, n, threshold, max_removable, fold, interval, lowest)
+        plan, folds = laco_pass(runner, threshold, max_removable, settings)
     else:
-        budget = removal_budget(ctx.source, target_ratio, max_removable)
+        budget = removal_budget(ctx.runner.base, settings.target_ratio, max_removable)
 
         def run(t):
-            return laco_pass(scorer, n, t, budget, fold, interval, lowest)
+            plan, folds = laco_pass(runner, t, budget, settings)
+            return n - len(plan), (plan, folds)
 
-        plan, folds = run(-1.0)
-        if n - len(plan) < budget:
-            raise MethodError(
-                f"laco with fold={fold}, interval={interval}, lowest={lowest} removes at most "
-                f"{n - len(plan)} layers, fewer than the {budget} asked for; lower `lowest` "
-                "or `interval`, or raise `fold`"
-            )
-        lo, hi = -1.0, 1.0
-        for _ in range(LACO_BISECTION_STEPS):
-            mid = (lo + hi) / 2
-            trial = run(mid)
-            if n - len(trial[0]) >= budget:
-                lo, (plan, folds) = mid, trial
-            else:
-                hi = mid
-        threshold = lo
-    report = {
-        "method": "laco",
-        "settings": {
-            "threshold": threshold,
-            "target_ratio": target_ratio,
-            "fold": fold,
-            "interval": interval,
-            "lowest": lowest,
-        },
-        "folds": folds,
-        "scorer": scorer.stats(),
-    }
+        shortfall = (
+            f"laco with fold={settings.fold}, interval={settings.interval}, "
+            f"lowest={settings.lowest} removes at most {{removed}} layers, fewer than the "
+            f"{budget} asked for; lower `lowest` or `interval`, or raise `fold`"
+        )
+        threshold, (plan, folds) = largest_threshold(run, budget, -1.0, -1.0, shortfall)
+    report = {"settings": {"threshold": threshold}, "folds": folds, "runner": runner.cache_report()}
     return MethodResult(plan_recipe(ctx.base, plan), report)

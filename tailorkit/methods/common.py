@@ -1,106 +1,63 @@
-"""Shared by the single-model methods: the removal budget and layer plans as Recipes.
+"""Shared by the single-model methods: the removal budget and plans of the base's layers.
 
-A single-model plan is a list of output layers, each made of consecutive-or-not
-source layers of the base with affine weights summing to 1: one layer with
-weight 1 passes through; ``theta_l + sum_k (theta_{l+k} - theta_l)`` over
-consecutive layers is LaCo's fold; anything else is a ``linear`` merge with
-explicit weights.
+A single-model plan is a list of output layers (``OutputLayer``), each made of source
+layers of the base with affine weights summing to 1: one layer with weight 1 passes
+through; ``theta_l + sum_k (theta_{l+k} - theta_l)`` over consecutive layers is LaCo's
+fold (``laco``); anything else is a ``linear`` merge with explicit weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import torch
 
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import MethodError
-from tailorkit.forward import Step
-from tailorkit.merge import merge_tensor
 from tailorkit.recipe import OutputLayer, Recipe
+from tailorkit.trials import BASE, keep
 
-MODEL_NAME = "base"
-
-
-@dataclass(frozen=True)
-class Fused:
-    """One output layer of a single-model plan: source layers and their affine weights."""
-
-    layers: tuple[int, ...]
-    weights: tuple[float, ...]
-
-    @classmethod
-    def keep(cls, layer: int) -> Fused:
-        return cls((layer,), (1.0,))
-
-    @classmethod
-    def fold(cls, layers: Sequence[int], fusion: str = "laco") -> Fused:
-        """Fuse layers into one: ``laco`` (theta_l + sum_k (theta_{l+k} - theta_l)) or
-        ``average``."""
-        layers = tuple(layers)
-        k = len(layers)
-        if fusion == "laco":
-            return cls(layers, (2.0 - k, *([1.0] * (k - 1))))
-        if fusion == "average":
-            return cls(layers, tuple([1.0 / k] * k))
-        raise MethodError(f"fusion must be 'laco' or 'average', got {fusion!r}")
-
-    def combine(self, others: Sequence[Fused]) -> Fused:
-        """LaCo's fold of this output layer with the ones above it (weights compose)."""
-        total: dict[int, float] = {}
-        for f, coef in [(self, 2.0 - (len(others) + 1))] + [(o, 1.0) for o in others]:
-            for layer, w in zip(f.layers, f.weights):
-                total[layer] = total.get(layer, 0.0) + coef * w
-        layers = tuple(sorted(i for i, w in total.items() if w != 0.0))
-        return Fused(layers, tuple(total[i] for i in layers))
-
-    @property
-    def is_laco(self) -> bool:
-        k = len(self.layers)
-        consecutive = self.layers == tuple(range(self.layers[0], self.layers[0] + k))
-        return k >= 2 and consecutive and self.weights == Fused.fold(self.layers).weights
-
-    @property
-    def is_average(self) -> bool:
-        return len(self.layers) >= 2 and self.weights == Fused.fold(self.layers, "average").weights
-
-    def output_layer(self) -> OutputLayer:
-        """The recipe's expansion of this layer (what build and assemble will compute)."""
-        recipe = Recipe.from_dict({"models": {MODEL_NAME: "x"}, "layers": [self.recipe_entry()]})
-        return recipe.output_layers()[0]
-
-    def recipe_entry(self) -> dict:
-        refs = [{"from": MODEL_NAME, "layer": layer} for layer in self.layers]
-        if len(self.layers) == 1:
-            return refs[0]
-        if self.is_laco:
-            return {"merge": "laco", "sources": refs}
-        if self.is_average:
-            return {"merge": "linear", "sources": refs}
-        weighted = [dict(r, weight=w) for r, w in zip(refs, self.weights)]
-        return {"merge": "linear", "sources": weighted}
-
-    def describe(self) -> str:
-        return self.output_layer().describe()
+FUSIONS = ("laco", "average")
+BISECTION_STEPS = 10
 
 
-def plan_recipe(base: str, plan: Sequence[Fused], dtype: str | None = None) -> Recipe:
+def fold(layers: Sequence[int], fusion: str = "laco") -> OutputLayer:
+    """Fuse consecutive base layers into one: ``laco`` (theta_l + sum_k (theta_{l+k} -
+    theta_l)) or ``average``."""
+    sources = tuple((BASE, i) for i in layers)
+    if fusion == "laco":
+        return OutputLayer("laco", sources)
+    return OutputLayer("linear", sources, (1.0 / len(sources),) * len(sources))
+
+
+def coefficients(layer: OutputLayer) -> dict[int, float]:
+    """The affine weight of each base layer in a single-model ``layer``."""
+    depths = [i for _, i in layer.sources]
+    if layer.method == "passthrough":
+        return {depths[0]: 1.0}
+    if layer.method == "laco":
+        return dict(zip(depths, [2.0 - len(depths)] + [1.0] * (len(depths) - 1)))
+    return dict(zip(depths, layer.weights))
+
+
+def combine(layer: OutputLayer, above: Sequence[OutputLayer]) -> OutputLayer:
+    """LaCo's fold of output ``layer`` with the output layers ``above`` it: their
+    coefficients compose, layers whose weight cancels drop out."""
+    total: dict[int, float] = {}
+    for part, scale in [(layer, 2.0 - (len(above) + 1))] + [(a, 1.0) for a in above]:
+        for depth, weight in coefficients(part).items():
+            total[depth] = total.get(depth, 0.0) + scale * weight
+    depths = sorted(d for d, w in total.items() if w != 0.0)
+    weights = [total[d] for d in depths]
+    if len(depths) == 1:
+        return keep(depths[0])
+    laco = [2.0 - len(depths)] + [1.0] * (len(depths) - 1)
+    if depths == list(range(depths[0], depths[-1] + 1)) and weights == laco:
+        return fold(depths)
+    return OutputLayer("linear", tuple((BASE, d) for d in depths), tuple(weights))
+
+
+def plan_recipe(base: str, plan: Sequence[OutputLayer], dtype: str | None = None) -> Recipe:
     """The Recipe of a single-model plan; runs of kept layers become ranges."""
-    entries: list[dict] = []
-    for f in plan:
-        entry = f.recipe_entry()
-        last = entries[-1] if entries else None
-        if "layer" in entry and last is not None and "merge" not in last:
-            start, stop = last.get("layers") or (last["layer"], last["layer"] + 1)
-            if entry["layer"] == stop:
-                entries[-1] = {"from": MODEL_NAME, "layers": [start, stop + 1]}
-                continue
-        entries.append(entry)
-    data: dict = {"models": {MODEL_NAME: base}, "layers": entries}
-    if dtype:
-        data["dtype"] = dtype
-    return Recipe.from_dict(data)
+    return Recipe.from_layers({BASE: base}, plan, dtype)
 
 
 def layer_parameter_counts(source: Source) -> list[int]:
@@ -113,8 +70,6 @@ def removal_budget(source: Source, target_ratio: float, max_layers: int) -> int:
     The count whose parameter fraction is closest to the target; an error that lists
     the reachable ratios when no count between 1 and ``max_layers`` comes near.
     """
-    if not 0 < target_ratio < 1:
-        raise MethodError(f"target_ratio must be in (0, 1), got {target_ratio}")
     counts = layer_parameter_counts(source)
     total = source.num_parameters()
     per_layer = sum(counts) / len(counts) / total
@@ -130,21 +85,32 @@ def removal_budget(source: Source, target_ratio: float, max_layers: int) -> int:
     return layers
 
 
-def fused_step(stack, fused: Fused, dtype: torch.dtype, cache: dict | None = None) -> Step:
-    """A :class:`Step` that runs ``fused`` with its merged parameters, computed as build does."""
-    if len(fused.layers) == 1:
-        return Step(fused.layers[0], None, fused)
-    if cache is not None and fused in cache:
-        return cache[fused]
-    layer = fused.output_layer()
-    per_layer = [stack.layer_params(i) for i in fused.layers]
-    params = {
-        name: merge_tensor(
-            layer, [p[name] for p in per_layer], None, dtype, where=f"{fused.describe()} {name}"
+def largest_threshold(run, budget: int, low: float, start: float, shortfall: str):
+    """The largest threshold in [``low``, 1] whose pass removes ``budget`` layers, by
+    bisection, and that pass's outcome. ``run(t)`` gives (layers removed, outcome); a pass
+    at ``start``, where every fusion is accepted, must reach the budget, else
+    ``shortfall`` (formatted with ``removed``) is the error."""
+    removed, best = run(start)
+    if removed < budget:
+        raise MethodError(shortfall.format(removed=removed))
+    lo, hi = low, 1.0
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        removed, outcome = run(mid)
+        if removed >= budget:
+            lo, best = mid, outcome
+        else:
+            hi = mid
+    return lo, best
+
+
+def check_target(method: str, target_ratio, threshold, similarity: str) -> None:
+    """Exactly one of ``target_ratio`` and ``threshold``, a threshold in the range of the
+    similarity (for settings validators: raises ValueError)."""
+    if (target_ratio is None) == (threshold is None):
+        raise ValueError(f"{method} takes either target_ratio or threshold (exactly one)")
+    low = 0.0 if similarity == "cka" else -1.0
+    if threshold is not None and not low <= threshold <= 1.0:
+        raise ValueError(
+            f"threshold {threshold} is outside [{low:g}, 1], the range of {similarity} similarity"
         )
-        for name in per_layer[0]
-    }
-    step = Step(fused.layers[0], params, fused)
-    if cache is not None:
-        cache[fused] = step
-    return step

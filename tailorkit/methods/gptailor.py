@@ -15,116 +15,144 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from tailorkit.checkpoint.source import Source
 from tailorkit.checkpoint.writer import parse_size
+from tailorkit.devices import resolve_device
 from tailorkit.errors import MethodError
-from tailorkit.methods import Context, MethodResult, register
 from tailorkit.methods.common import removal_budget
-from tailorkit.recipe import Recipe
+from tailorkit.methods.registry import TARGET_RATIO, Context, MethodResult, Settings, register
+from tailorkit.objectives import Logits
+from tailorkit.recipe import DTYPES, Recipe
 from tailorkit.search.driver import SearchSettings, run_search
-from tailorkit.search.evaluator import EvaluatorConfig
 from tailorkit.search.executors import make_executor
-from tailorkit.search.objectives import parse_objective
 from tailorkit.search.space import SearchSpace, encode
 from tailorkit.similarity import block_influence
+from tailorkit.trials import RunnerConfig
 
 
-@register("gptailor")
-def gptailor(
-    ctx: Context,
-    *,
-    target_ratio: float,
-    budget: int = 120,
-    popsize: int = 12,
-    sigma0: float = 0.5,
-    seed: int = 0,
-    objective: str | dict = "kl",
-    fidelity_windows: int | None = None,
-    reevaluate: int = 2,
-    allow_linear: bool = False,
-    removal_only: bool = False,
-    start: str | Recipe | None = None,
-    executor: str = "local",
-    workers: int = 2,
-    dtype: str = "float32",
-    device: str = "cpu",
-    state_cache: str | int = "1GiB",
-    search_dir: str | Path | None = None,
-    resume: bool = False,
-    lm_eval: dict | None = None,
-) -> MethodResult:
-    if not ctx.candidates and not removal_only:
+class GPTailorSettings(Settings):
+    flags = (
+        *("target_ratio", "budget", "popsize", "objective"),
+        *("executor", "workers", "device", "resume"),
+    )
+
+    target_ratio: float = Field(gt=0, lt=1, description=TARGET_RATIO)
+    budget: int = Field(120, ge=1, description="candidate evaluations (on the small slice)")
+    popsize: int = Field(12, ge=2, description="CMA-ES population per generation")
+    sigma0: float = Field(0.5, gt=0, description="CMA-ES initial step size")
+    seed: int | None = Field(None, description="the search's seed; None: the calibration seed")
+    objective: str | dict[str, float] = Field(
+        "kl", description="kl, loss, lm_eval, or a weighted sum like kl+0.5*loss"
+    )
+    lm_eval: dict | None = Field(None, description="{tasks: [...], limit: N} for lm_eval")
+    fidelity_windows: int | None = Field(
+        None, ge=1, description="windows of the small slice every candidate is scored on"
+    )
+    reevaluate: int = Field(2, ge=0, description="best per generation re-scored on all windows")
+    allow_linear: bool = Field(False, description="also search plain averages of candidates")
+    removal_only: bool = Field(False, description="search removal only (the paper's ablation)")
+    start: Path | Recipe | None = Field(None, description="recipe to start the search from")
+    executor: Literal["local", "ray"] = Field("local", description="where candidates are scored")
+    workers: int = Field(2, ge=1, description="Ray workers (executor ray)")
+    dtype: Literal[DTYPES] = Field("float32", description="the dtype candidates run in")
+    device: str = Field("cpu", description="where candidates run: cpu, cuda, cuda:N")
+    state_cache: str | int = Field("1GiB", description="memory for cached prefix states")
+    search_dir: Path | None = Field(None, exclude=True, description="the search's log folder")
+    resume: bool = Field(False, description="continue the search logged in search_dir")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GPTailorSettings:
+        if self.budget < self.popsize:
+            raise ValueError(
+                f"budget {self.budget} is smaller than one generation (popsize {self.popsize})"
+            )
+        Logits.parse(self.objective, self.lm_eval)
+        parse_size(self.state_cache, "state_cache")
+        resolve_device(self.device)
+        return self
+
+
+@register(
+    "gptailor",
+    settings=GPTailorSettings,
+    summary="CMA-ES search over removing, selecting and merging layers of --candidate fine-tunes",
+    label="GPTailor (Su et al., 2025, arXiv:2506.20480)",
+    description="A zero-order search over one operation per layer: remove it, take it from one "
+    "of several fine-tuned candidates of the same base model, or merge it across candidates "
+    "(task arithmetic against the base layer of the same depth). tailorkit searches the plan "
+    "with CMA-ES; no weights were retrained.",
+    citation="""@article{su2025gptailor,
+  title   = {{GPTailor}: Large Language Model Pruning Through Layer Cutting and Stitching},
+  author  = {Su, Guinan and Shen, Li and Yin, Lu and Liu, Shiwei and Yang, Yanwu
+             and Geiping, Jonas},
+  journal = {arXiv preprint arXiv:2506.20480},
+  year    = {2025}
+}""",
+    takes_candidates=True,
+)
+def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
+    s = settings
+    if not ctx.candidates and not s.removal_only:
         raise MethodError("gptailor needs candidate models (fine-tunes of the base)")
-    n = ctx.stack.num_layers
+    n = ctx.runner.num_layers
     for ref in ctx.candidates:
-        _check_candidate(ctx.source, Source(ref))
+        _check_candidate(ctx.runner.base, Source(ref))
     space = SearchSpace(
         base=ctx.base,
         candidates=tuple(ctx.candidates),
         num_layers=n,
-        remove=removal_budget(ctx.source, target_ratio, n - 1),
-        allow_linear=allow_linear,
-        removal_only=removal_only,
-        dtype=dtype,
+        remove=removal_budget(ctx.runner.base, s.target_ratio, n - 1),
+        allow_linear=s.allow_linear,
+        removal_only=s.removal_only,
+        dtype=s.dtype,
     )
-    influence = block_influence(ctx.activations.boundaries())
-    if start is None:
+    influence = block_influence(ctx.runner.activations.boundaries())
+    if s.start is None:
         x0 = space.initial(influence.tolist())
     else:
-        x0 = encode(space, start if isinstance(start, Recipe) else Recipe.load(start))
-    if fidelity_windows is not None and fidelity_windows >= len(ctx.windows):
-        fidelity_windows = None
+        x0 = encode(space, s.start if isinstance(s.start, Recipe) else Recipe.load(s.start))
+    windows = ctx.runner.config.windows
+    fidelity = s.fidelity_windows if (s.fidelity_windows or 0) < len(windows) else None
     # The small slice must be whole batches: shrink the batch to divide it.
-    batch = math.gcd(ctx.batch_size, fidelity_windows) if fidelity_windows else ctx.batch_size
-    config = EvaluatorConfig(
+    batch = ctx.runner.config.batch_size
+    batch = math.gcd(batch, fidelity) if fidelity else batch
+    config = RunnerConfig(
         base=ctx.base,
+        windows=windows,
         candidates=dict(zip(space.names, space.candidates)),
-        windows=ctx.windows,
-        objective=parse_objective(objective),
-        dtype=dtype,
+        objective=Logits.parse(s.objective, s.lm_eval),
+        dtype=s.dtype,
         batch_size=batch,
-        lm_eval=lm_eval,
-        device=device,
-        state_cache_bytes=parse_size(state_cache, "state_cache"),
+        device=s.device,
+        state_cache_bytes=parse_size(s.state_cache, "state_cache"),
     )
-    settings = SearchSettings(budget, popsize, sigma0, seed, fidelity_windows, reevaluate)
-    out = Path(search_dir) if search_dir else ctx.work_dir / "search"
+    seed = ctx.seed if s.seed is None else s.seed
+    search = SearchSettings(s.budget, s.popsize, s.sigma0, seed, fidelity, s.reevaluate)
+    out = s.search_dir or ctx.work_dir / "search"
     options = {}
-    if executor == "ray":  # one GPU per actor when the candidates run on GPUs
-        options = {"workers": workers, "gpus_per_worker": 1 if device != "cpu" else 0}
-    runner = make_executor(executor, config, **options)
+    if s.executor == "ray":  # one GPU per actor when the candidates run on GPUs
+        options = {"workers": s.workers, "gpus_per_worker": 1 if s.device != "cpu" else 0}
+    runner = make_executor(s.executor, config, **options)
     try:
-        result = run_search(space, runner, x0, settings, out, resume=resume, progress=ctx.progress)
+        result = run_search(
+            space, runner, x0, search, out, resume=s.resume, progress=ctx.runner.config.progress
+        )
         cache = runner.cache_report()
     finally:
         runner.close()
     report = {
-        "method": "gptailor",
-        "settings": {
-            "target_ratio": target_ratio,
-            "budget": budget,
-            "popsize": popsize,
-            "sigma0": sigma0,
-            "seed": seed,
-            "objective": config.objective,
-            "fidelity_windows": fidelity_windows,
-            "reevaluate": reevaluate,
-            "allow_linear": allow_linear,
-            "removal_only": removal_only,
-            "executor": executor,
-            "candidates": list(ctx.candidates),
-            "dtype": dtype,
-            "device": device,
-            "state_cache": state_cache,
-        },
+        "settings": {"seed": seed, "fidelity_windows": fidelity, "candidates": ctx.candidates},
         "search": {
             "start_fitness": result.start_fitness,
             "best_fitness": result.fitness,
             "generations": result.generations,
             "evaluations": result.evaluations,
             "history": result.history,
-            "evaluator_cache": cache,
+            "runner": cache,
         },
         "block_influence": [round(float(x), 6) for x in influence],
     }

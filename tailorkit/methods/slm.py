@@ -16,93 +16,114 @@ largest one that still reaches it, found by bisection.
 
 from __future__ import annotations
 
-from tailorkit.errors import MethodError
-from tailorkit.methods import Context, MethodResult, register
-from tailorkit.methods.common import Fused, plan_recipe, removal_budget
-from tailorkit.methods.scoring import SuffixScorer, check_threshold
+from typing import Literal
 
-BISECTION_STEPS = 10
+from pydantic import Field, model_validator
+
+from tailorkit.methods.common import (
+    FUSIONS,
+    check_target,
+    fold,
+    largest_threshold,
+    plan_recipe,
+    removal_budget,
+)
+from tailorkit.methods.registry import (
+    TARGET_RATIO,
+    THRESHOLD,
+    Context,
+    MethodResult,
+    Settings,
+    register,
+)
+from tailorkit.objectives import SIMILARITIES, FinalStates
+from tailorkit.trials import TrialRunner, keep
+
+CITATION = """@article{ding2025slm,
+  title   = {A Sliding Layer Merging Method for Efficient Depth-Wise Pruning in {LLMs}},
+  author  = {Ding, Xuan and Sun, Rui and Zhang, Yunjian and Yan, Xiu and Zhou, Yueqi
+             and Huang, Kaihao and Fu, Suzhong and Xie, Chuanlong and Zhu, Yao},
+  journal = {arXiv preprint arXiv:2502.19159},
+  year    = {2025}
+}"""
 
 
-def slide(scorer: SuffixScorer, num_layers: int, threshold: float, max_removed: int, fusion: str):
+class SLMSettings(Settings):
+    flags = ("target_ratio", "threshold", "similarity", "fusion")
+
+    target_ratio: float | None = Field(None, gt=0, lt=1, description=TARGET_RATIO)
+    threshold: float | None = Field(None, description=THRESHOLD)
+    similarity: Literal[SIMILARITIES] = Field(
+        "cka", description="how final hidden states are compared: linear CKA or mean cosine"
+    )
+    fusion: Literal[FUSIONS] = Field(
+        "laco", description="how a window's layers become one: LaCo's fold, or their average"
+    )
+
+    @model_validator(mode="after")
+    def _target(self) -> SLMSettings:
+        check_target("slm", self.target_ratio, self.threshold, self.similarity)
+        return self
+
+
+def slide(runner: TrialRunner, objective: FinalStates, threshold, max_removed: int, fusion: str):
     """One pass of the sliding window; returns (plan, windows) with each window's score."""
-    above = [Fused.keep(num_layers - 1)]
+    num_layers = runner.num_layers
+    identity = [keep(i) for i in range(num_layers)]
+    above = [keep(num_layers - 1)]
     windows = []
     anchor, removed = num_layers - 2, 0
     while anchor >= 0:
         bottom, best = anchor, None
         lo = anchor - 1
         while lo >= 0 and removed + (anchor - lo) <= max_removed:
-            fused = Fused.fold(range(lo, anchor + 1), fusion)
-            value = scorer.score(lo, (fused, *above))
+            trial = [*identity[:lo], fold(range(lo, anchor + 1), fusion), *above]
+            value = runner.score(trial, objective)
             if value < threshold:
                 break
             bottom, best = lo, value
             lo -= 1
         if bottom < anchor:
-            above.insert(0, Fused.fold(range(bottom, anchor + 1), fusion))
+            above.insert(0, fold(range(bottom, anchor + 1), fusion))
             windows.append({"layers": [bottom, anchor], "similarity": best})
             removed += anchor - bottom
         else:
-            above.insert(0, Fused.keep(anchor))
+            above.insert(0, keep(anchor))
         anchor = bottom - 1
     return above, windows
 
 
-@register("slm")
-def sliding_layer_merging(
-    ctx: Context,
-    *,
-    target_ratio: float | None = None,
-    threshold: float | None = None,
-    similarity: str = "cka",
-    fusion: str = "laco",
-) -> MethodResult:
-    num_layers = ctx.stack.num_layers
-    if (target_ratio is None) == (threshold is None):
-        raise MethodError("slm takes either target_ratio or threshold (exactly one)")
-    Fused.fold((0, 1), fusion)  # validates the fusion name before any work
-    scorer = SuffixScorer(ctx, similarity)
-    max_removable = num_layers - 2  # one fused layer below the never-merged last layer
-    if threshold is not None:
-        check_threshold(threshold, similarity)
-        plan, windows = slide(scorer, num_layers, threshold, max_removable, fusion)
-        chosen = threshold
+@register(
+    "slm",
+    settings=SLMSettings,
+    summary="Sliding Layer Merging: fuse windows of similar layers, from the top down",
+    label="Sliding Layer Merging (Ding et al., 2025, arXiv:2502.19159)",
+    description="Layer outputs are compared with centered kernel alignment (CKA). From the top "
+    "of the network downward, a window of consecutive layers grows while the model with that "
+    "window fused into one layer stays above a similarity threshold; then the window is "
+    "fused. No weights were retrained.",
+    citation=CITATION,
+)
+def sliding_layer_merging(ctx: Context, settings: SLMSettings) -> MethodResult:
+    runner = ctx.runner
+    objective = FinalStates(settings.similarity)
+    max_removable = runner.num_layers - 2  # one fused layer below the never-merged last layer
+    if settings.threshold is not None:
+        plan, windows = slide(runner, objective, settings.threshold, max_removable, settings.fusion)
+        chosen = settings.threshold
     else:
-        budget = removal_budget(ctx.source, target_ratio, max_removable)
-        chosen, plan, windows = _bisect(scorer, num_layers, budget, fusion, similarity)
-    recipe = plan_recipe(ctx.base, plan)
+        budget = removal_budget(ctx.runner.base, settings.target_ratio, max_removable)
+
+        def run(t):
+            plan, windows = slide(runner, objective, t, budget, settings.fusion)
+            return runner.num_layers - len(plan), (plan, windows)
+
+        low = 0.0 if settings.similarity == "cka" else -1.0
+        shortfall = f"slm could remove only {{removed}} of the {budget} layers asked for"
+        chosen, (plan, windows) = largest_threshold(run, budget, low, float("-inf"), shortfall)
     report = {
-        "method": "slm",
-        "settings": {
-            "similarity": similarity,
-            "fusion": fusion,
-            "threshold": chosen,
-            "target_ratio": target_ratio,
-        },
+        "settings": {"threshold": chosen},
         "windows": windows,
-        "scorer": scorer.stats(),
+        "runner": runner.cache_report(),
     }
-    return MethodResult(recipe, report)
-
-
-def _bisect(scorer: SuffixScorer, num_layers: int, budget: int, fusion: str, similarity: str):
-    """The largest threshold whose sliding pass removes ``budget`` layers."""
-
-    def run(t):
-        plan, windows = slide(scorer, num_layers, t, budget, fusion)
-        return num_layers - len(plan), plan, windows
-
-    lo, hi = (0.0 if similarity == "cka" else -1.0), 1.0
-    removed, plan, windows = run(float("-inf"))  # every window passes: the budget is reached
-    if removed < budget:
-        raise MethodError(f"slm could remove only {removed} of the {budget} layers asked for")
-    best = (lo, plan, windows)
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        removed, plan, windows = run(mid)
-        if removed >= budget:
-            lo, best = mid, (mid, plan, windows)
-        else:
-            hi = mid
-    return best
+    return MethodResult(plan_recipe(ctx.base, plan), report)

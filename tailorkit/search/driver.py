@@ -65,10 +65,6 @@ def run_search(
 ) -> SearchResult:
     import cma
 
-    if settings.budget < settings.popsize:
-        raise MethodError(
-            f"budget {settings.budget} is smaller than one generation (popsize {settings.popsize})"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
     replay = _read_generations(log_path) if resume else []

@@ -1,8 +1,9 @@
 """Where candidates are evaluated: in this process, or on Ray workers.
 
-Both take the same :class:`EvaluatorConfig` and return fitness values in the order
-of the recipes given, so the search is the same whichever runs it. Each Ray worker
-builds its own evaluator: it maps the sources itself and keeps its own caches.
+Both take the same :class:`~tailorkit.trials.RunnerConfig` and return fitness values
+in the order of the recipes given, so the search is the same whichever runs it. Each
+Ray worker builds its own trial runner: it maps the sources itself and keeps its own
+caches.
 """
 
 from __future__ import annotations
@@ -11,36 +12,23 @@ from collections.abc import Sequence
 
 from tailorkit.errors import MethodError
 from tailorkit.recipe import Recipe
-from tailorkit.search.evaluator import Evaluator, EvaluatorConfig, layer_key, summarise
+from tailorkit.trials import RunnerConfig, RunnerStats, TrialRunner
 
 EXECUTORS = ("local", "ray")
 
 
 class LocalExecutor:
-    def __init__(self, config: EvaluatorConfig):
-        self.evaluator = Evaluator(config)
+    def __init__(self, config: RunnerConfig):
+        self.runner = TrialRunner(config)
 
     def map(self, recipes: Sequence[Recipe], windows: int | None) -> list[float]:
-        return [self.evaluator.evaluate(r, windows) for r in recipes]
+        return [self.runner.score(r, windows=windows) for r in recipes]
 
     def cache_report(self) -> dict:
-        return self.evaluator.cache_report()
+        return self.runner.cache_report()
 
     def close(self) -> None:
         pass
-
-
-class _Worker:
-    """One Ray actor: an Evaluator of its own."""
-
-    def __init__(self, config: EvaluatorConfig):
-        self.evaluator = Evaluator(config)
-
-    def evaluate(self, recipe: dict, windows: int | None) -> float:
-        return self.evaluator.evaluate(Recipe.from_dict(recipe), windows)
-
-    def cache_report(self) -> dict:
-        return self.evaluator.cache_report()
 
 
 class RayExecutor:
@@ -48,7 +36,7 @@ class RayExecutor:
 
     def __init__(
         self,
-        config: EvaluatorConfig,
+        config: RunnerConfig,
         *,
         workers: int = 2,
         address: str | None = None,
@@ -68,27 +56,26 @@ class RayExecutor:
                 log_to_driver=False,
                 configure_logging=False,
             )
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Worker)
+        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(LocalExecutor)
         self.actors = [actor.remote(config) for _ in range(max(1, workers))]
 
     def map(self, recipes: Sequence[Recipe], windows: int | None) -> list[float]:
         # Each actor has caches of its own: give each a contiguous run of the recipes in
         # layer order, so candidates that share a prefix meet in the same cache.
-        keys = [repr([layer_key(x) for x in r.output_layers()]) for r in recipes]
+        keys = [repr(r.output_layers()) for r in recipes]
         order = sorted(range(len(recipes)), key=keys.__getitem__)
         share = -(-len(recipes) // len(self.actors))
         futures = {
-            i: self.actors[n // share].evaluate.remote(recipes[i].to_dict(), windows)
+            i: self.actors[n // share].map.remote([recipes[i]], windows)
             for n, i in enumerate(order)
         }
-        return [float(self.ray.get(futures[i])) for i in range(len(recipes))]
+        return [float(self.ray.get(futures[i])[0]) for i in range(len(recipes))]
 
     def cache_report(self) -> dict:
         reports = self.ray.get([a.cache_report.remote() for a in self.actors])
-        counts = {
-            k: sum(r[k] for r in reports) for k in reports[0] if isinstance(reports[0][k], int)
-        }
-        return {**summarise(counts), "workers": len(reports)}
+        fields = RunnerStats.__dataclass_fields__
+        total = RunnerStats(**{k: sum(r[k] for r in reports) for k in fields})
+        return {**total.report(), "workers": len(reports)}
 
     def close(self) -> None:
         for a in self.actors:
@@ -97,7 +84,7 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(name: str, config: EvaluatorConfig, **options):
+def make_executor(name: str, config: RunnerConfig, **options):
     if name == "local":
         return LocalExecutor(config)
     if name == "ray":

@@ -27,9 +27,9 @@ import numpy as np
 
 from tailorkit.errors import MethodError
 from tailorkit.recipe import Recipe
+from tailorkit.trials import BASE
 
 LAMBDA_STEPS = 20  # lambda in {0, 0.05, ..., 1}
-BASE = "base"
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def encode(space: SearchSpace, recipe: Recipe) -> np.ndarray:
             if model != BASE:
                 pick[depth, names[model]] = 1.0
         if out.method == "task_arithmetic":
-            p = min(max(out.params["lambda"], 1e-3), 1 - 1e-3)
+            p = min(max(out.param("lambda"), 1e-3), 1 - 1e-3)
             lam[depth] = math.log(p / (1 - p))
         elif out.method == "linear":
             mode[depth] = 1.0

@@ -1,0 +1,207 @@
+"""What a trial is scored by: the objectives the trial runner plugs in.
+
+* :class:`Logits` -- GPTailor's fitness, lower is better: a weighted sum of ``kl``
+  (default: KL(base || trial) of the next-token distributions, mean per token; cheap,
+  smooth, needs no labels), ``loss`` (the trial's LM loss) and ``lm_eval`` (1 - the mean
+  primary metric of lm-eval tasks with a sample limit: the paper's objective, slow).
+* :class:`FinalStates` -- how alike the trial's final hidden states are to the base
+  model's (linear CKA, or mean cosine per token): what SLM and LaCo decide by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tailorkit.errors import MethodError
+from tailorkit.forward import DecoderStack, Trace
+from tailorkit.similarity import cka_from_hsic, hsic_minibatches
+
+TOKEN_OBJECTIVES = ("kl", "loss")
+OBJECTIVES = (*TOKEN_OBJECTIVES, "lm_eval")
+SIMILARITIES = ("cka", "cosine")
+
+
+class Objective:
+    """How a trial is scored: ``on_batch(runner, batch, state)`` turns a calibration batch's
+    last hidden state into a statistic, which the runner memoises per trial and batch (so
+    objectives are frozen dataclasses, part of the key); ``reduce(runner, layers, parts)``
+    turns the statistics into the score; ``reference(runner, batch)`` is what the base
+    model gives on a batch (computed once, see ``TrialRunner.prepare``)."""
+
+    per_batch = True  # False: the score needs no hidden states, only ``reduce`` runs
+
+
+@dataclass(frozen=True)
+class Logits(Objective):
+    """A weighted sum of ``kl``, ``loss`` and ``lm_eval`` (lower is better)."""
+
+    weights: tuple[tuple[str, float], ...] = (("kl", 1.0),)
+    lm_eval: tuple[tuple[str, ...], int] | None = None  # (tasks, sample limit)
+
+    @classmethod
+    def parse(cls, spec: str | dict[str, float], lm_eval: dict | None = None) -> Logits:
+        """``"kl"``, ``"kl+0.5*loss"`` or ``{"kl": 1, "loss": 0.5}``; ``lm_eval``:
+        ``{"tasks": [...], "limit": N}`` for the ``lm_eval`` term."""
+        if isinstance(spec, dict):
+            weights = {str(k): float(v) for k, v in spec.items()}
+        else:
+            weights = {}
+            for term in str(spec).replace(" ", "").split("+"):
+                weight, _, name = term.rpartition("*")
+                try:
+                    weights[name] = float(weight) if weight else 1.0
+                except ValueError as e:
+                    raise MethodError(f"objective term {term!r} is not NAME or WEIGHT*NAME") from e
+        unknown = [n for n in weights if n not in OBJECTIVES]
+        if unknown or not weights:
+            raise MethodError(
+                f"unknown objective {', '.join(unknown) or spec!r}; "
+                f"choose from {', '.join(OBJECTIVES)}"
+            )
+        tasks = None
+        if "lm_eval" in weights:
+            settings = lm_eval or {}
+            if not settings.get("tasks"):
+                raise MethodError(
+                    "the lm_eval objective needs tasks, e.g. lm_eval={'tasks': [...]}"
+                )
+            tasks = (tuple(settings["tasks"]), int(settings.get("limit", 100)))
+        return cls(tuple(weights.items()), tasks)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [name for name, _ in self.weights if name in TOKEN_OBJECTIVES]
+
+    @property
+    def per_batch(self) -> bool:
+        return bool(self.tokens)
+
+    def reference(self, runner, batch: int) -> Teacher | None:
+        if "kl" not in self.tokens:
+            return None
+        return runner.reference("teacher", batch, lambda t: Teacher.of(runner.stack, t))
+
+    def on_batch(self, runner, batch: int, state: torch.Tensor) -> dict:
+        trace = runner.traces[batch]
+        return token_sums(self.tokens, runner.stack, state, trace, self.reference(runner, batch))
+
+    def reduce(self, runner, layers: tuple, parts: list) -> float:
+        value = 0.0
+        for name, weight in self.weights:
+            if name == "lm_eval":
+                tasks, limit = self.lm_eval
+                part = runner.memo(
+                    ("lm_eval", self.lm_eval, layers),
+                    lambda: lm_eval_error(runner.recipe(layers), tasks, limit),
+                )
+            else:
+                part = sum(p[name][0] for p in parts) / sum(p[name][1] for p in parts)
+                if not math.isfinite(part):
+                    raise MethodError(
+                        f"objective {name} is {part}: the trial's logits are not finite"
+                    )
+            value += weight * part
+        return value
+
+
+@dataclass(frozen=True)
+class FinalStates(Objective):
+    """Similarity of the trial's final hidden states (after the final norm) to the base
+    model's: minibatch linear CKA over all tokens, or their mean cosine."""
+
+    kind: str = "cka"
+    kernel: str = "linear"
+
+    def reference(self, runner, batch: int) -> torch.Tensor:
+        return runner.reference("final", batch, lambda t: runner.stack.final(t.states[-1]))
+
+    def on_batch(self, runner, batch: int, state: torch.Tensor):
+        d = state.shape[-1]
+        out = runner.stack.final(state).reshape(-1, d)  # (B*T, d)
+        ref = self.reference(runner, batch).reshape(-1, d)
+        if self.kind == "cosine":
+            cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1)
+            return float(cos.sum()), cos.numel()
+        return list(hsic_minibatches(torch.stack([out, ref]), self.kernel))  # (2, B*T, d)
+
+    def reduce(self, runner, layers: tuple, parts: list) -> float:
+        if self.kind == "cosine":
+            return sum(total for total, _ in parts) / sum(count for _, count in parts)
+        value = float(cka_from_hsic(h for part in parts for h in part)[0, 1])
+        if value != value:
+            raise MethodError("CKA of the trial model is NaN: its hidden states are not finite")
+        return value
+
+
+@dataclass
+class Teacher:
+    """The base model's next-token distribution on one batch, kept for the ``kl`` objective.
+
+    ``probs`` ``(B, T, V)``, ``neg_entropy`` (``sum p log p``) and ``mass`` (``sum p``:
+    1 up to rounding, but the rounding times a log-sum-exp is not negligible), both
+    ``(B, T)`` float64, are computed once, so a candidate's KL needs only its logits'
+    log-sum-exp and one product per token: ``KL = sum p log p - p . z + mass * lse(z)``.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    mass: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, stack: DecoderStack, trace: Trace) -> Teacher:
+        # In float64: a float32 log-softmax shifts every entry by the rounding error of
+        # its log-sum-exp, which moves the mass by ~1e-6, times lse(z) on every token.
+        logp = torch.log_softmax(stack.logits(trace.states[-1]).double(), dim=-1)
+        probs = logp.exp()
+        return cls(probs.float(), (probs * logp).sum(-1), probs.sum(-1))
+
+
+@torch.no_grad()
+def token_sums(
+    names: Sequence[str], stack: DecoderStack, state: torch.Tensor, trace: Trace, teacher: Teacher
+) -> dict[str, tuple[float, int]]:
+    """For each token objective in ``names``: (sum over tokens, token count) on one batch.
+
+    One pass of the LM head serves them all. The logits are worked on in place (they
+    are ``stack.logits``' fresh output): at a 49k vocabulary every ``(B, T, V)`` pass
+    costs about as much as a decoder layer.
+    """
+    for name in names:
+        if name not in TOKEN_OBJECTIVES:
+            raise MethodError(f"unknown token objective {name!r}")
+    z = stack.logits(state).float()  # (B, T, V)
+    # Shift each token's logits by their max (KL and loss do not change): the sums below
+    # then stay near zero, where float32 keeps the digits a logit of ~20 would lose.
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    cross = (teacher.probs * z).sum(-1).double() if "kl" in names else None
+    targets = trace.input_ids[:, 1:].unsqueeze(-1)
+    picked = z[:, :-1].gather(-1, targets).squeeze(-1).double() if "loss" in names else None
+    lse = z.exp_().sum(-1).log().double()  # (B, T); z is spent
+    per_token = {}
+    if "kl" in names:
+        per_token["kl"] = teacher.neg_entropy - cross + teacher.mass * lse
+    if "loss" in names:
+        per_token["loss"] = lse[:, :-1] - picked
+    return {n: (float(per_token[n].sum()), per_token[n].numel()) for n in names}
+
+
+def lm_eval_error(recipe, tasks: Sequence[str], limit: int) -> float:
+    """1 - the mean primary metric of lm-eval ``tasks`` (at most ``limit`` documents each)."""
+    from transformers import AutoTokenizer
+
+    from tailorkit.assemble import assemble
+    from tailorkit.eval.tasks import run_tasks
+
+    plan = recipe.plan()
+    model = assemble(plan)
+    tokenizer = AutoTokenizer.from_pretrained(plan.base.path)
+    results = run_tasks(model, tokenizer, list(tasks), limit=limit)
+    scores = [row[row["metric"]] for row in results.values() if row.get("metric")]
+    if not scores:
+        raise MethodError(f"lm-eval returned no metric for {', '.join(tasks)}")
+    return 1.0 - sum(scores) / len(scores)
