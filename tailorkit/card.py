@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
 
 from tailorkit.checkpoint import builtin
 from tailorkit.errors import CheckpointError, HubError
@@ -82,17 +83,6 @@ def _short_name(ref: str) -> str:
     return Path(_hub_id(ref) or ref).name or ref
 
 
-def _front_matter(text: str) -> dict[str, Any]:
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
-    if not match:
-        return {}
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def base_license(plan: Plan) -> str | None:
     """The licence in the base model's README.md metadata, when it can be read offline."""
     base = plan.base
@@ -107,11 +97,13 @@ def base_license(plan: Plan) -> str | None:
                 candidates.append(Path(cached))
         except Exception as e:  # the cache layout is huggingface_hub's business
             log.debug("no cached README for %s: %s", hub, e)
-    for path in candidates:
-        if path.is_file():
-            value = _front_matter(path.read_text(errors="replace")).get("license")
-            if isinstance(value, str) and value.strip():
-                return value.strip()
+    for path in filter(Path.is_file, candidates):
+        try:
+            value = (metadata_load(path) or {}).get("license")
+        except (ValueError, yaml.YAMLError):  # not UTF-8, not YAML, not a mapping
+            continue
+        if isinstance(value, str) and value.strip():
+            return value.strip()
     return None
 
 

@@ -81,9 +81,7 @@ def prune(
         "settings": {**checked.model_dump(mode="json"), **result.report.get("settings", {})},
         "base": base,
         "calibration": {
-            "source": "bundled public-domain text"
-            if calibration is None
-            else _describe(calibration),
+            "source": _describe(calibration),
             "windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
             "tokens": int(windows.numel()),
@@ -101,6 +99,8 @@ def prune(
 
 
 def _describe(calibration: Any) -> str:
+    if calibration is None:
+        return "bundled public-domain text"
     if isinstance(calibration, torch.Tensor):
         return "token ids given in memory"
     if isinstance(calibration, (list, tuple)):

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 from tailorkit.errors import MethodError
-from tailorkit.methods.registry import METHODS, Context, MethodResult, MethodSpec
+from tailorkit.methods.registry import METHODS, Context, MethodSpec  # noqa: F401 (the API)
 
 SHARED = ("common", "registry")  # modules that are not methods
 
@@ -24,6 +24,3 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-__all__ = ["METHODS", "Context", "MethodResult", "MethodSpec", "get_method"]

@@ -14,21 +14,8 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from tailorkit.errors import MethodError
-from tailorkit.methods.common import (
-    check_target,
-    combine,
-    largest_threshold,
-    plan_recipe,
-    removal_budget,
-)
-from tailorkit.methods.registry import (
-    TARGET_RATIO,
-    THRESHOLD,
-    Context,
-    MethodResult,
-    Settings,
-    register,
-)
+from tailorkit.methods.common import check_target, combine, largest_threshold, removal_budget
+from tailorkit.methods.registry import Context, MethodResult, Settings, register
 from tailorkit.objectives import FinalStates
 from tailorkit.similarity import angular_distance, block_influence
 from tailorkit.trials import TrialRunner, keep
@@ -37,7 +24,7 @@ from tailorkit.trials import TrialRunner, keep
 class RemovalSettings(Settings):
     flags = ("target_ratio",)
 
-    target_ratio: float = Field(gt=0, lt=1, description=TARGET_RATIO)
+    target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
 
 
 @register(
@@ -91,14 +78,14 @@ def _removal(ctx: Context, dropped: list[int], **figures) -> MethodResult:
     """The base without layers ``dropped``, with the per-layer ``figures`` that chose them."""
     plan = [keep(i) for i in range(ctx.runner.num_layers) if i not in dropped]
     report = {k: [round(float(x), 6) for x in v] for k, v in figures.items()}
-    return MethodResult(plan_recipe(ctx.base, plan), {**report, "dropped_layers": dropped})
+    return MethodResult(ctx.recipe(plan), {**report, "dropped_layers": dropped})
 
 
 class LacoSettings(Settings):
     flags = ("target_ratio", "threshold")
 
-    target_ratio: float | None = Field(None, gt=0, lt=1, description=TARGET_RATIO)
-    threshold: float | None = Field(None, description=THRESHOLD)
+    target_ratio: float | None = Field(None, gt=0, lt=1, description=Settings.TARGET_RATIO)
+    threshold: float | None = Field(None, description=Settings.THRESHOLD)
     fold: int = Field(4, ge=2, description="layers folded into one at a time")
     interval: int = Field(2, ge=1, description="layers to move down after a fold")
     lowest: int = Field(1, ge=0, description="the lowest layer a fold may start at")
@@ -167,4 +154,4 @@ def laco(ctx: Context, settings: LacoSettings) -> MethodResult:
         )
         threshold, (plan, folds) = largest_threshold(run, budget, -1.0, -1.0, shortfall)
     report = {"settings": {"threshold": threshold}, "folds": folds, "runner": runner.cache_report()}
-    return MethodResult(plan_recipe(ctx.base, plan), report)
+    return MethodResult(ctx.recipe(plan), report)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import MethodError
-from tailorkit.recipe import OutputLayer, Recipe
+from tailorkit.recipe import OutputLayer
 from tailorkit.trials import BASE, keep
 
 FUSIONS = ("laco", "average")
@@ -53,11 +53,6 @@ def combine(layer: OutputLayer, above: Sequence[OutputLayer]) -> OutputLayer:
     if depths == list(range(depths[0], depths[-1] + 1)) and weights == laco:
         return fold(depths)
     return OutputLayer("linear", tuple((BASE, d) for d in depths), tuple(weights))
-
-
-def plan_recipe(base: str, plan: Sequence[OutputLayer], dtype: str | None = None) -> Recipe:
-    """The Recipe of a single-model plan; runs of kept layers become ranges."""
-    return Recipe.from_layers({BASE: base}, plan, dtype)
 
 
 def layer_parameter_counts(source: Source) -> list[int]:

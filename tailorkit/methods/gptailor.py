@@ -19,19 +19,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tailorkit.checkpoint.source import Source
 from tailorkit.checkpoint.writer import parse_size
 from tailorkit.devices import resolve_device
-from tailorkit.errors import MethodError
+from tailorkit.errors import CheckpointError, MethodError, RecipeError
 from tailorkit.methods.common import removal_budget
-from tailorkit.methods.registry import TARGET_RATIO, Context, MethodResult, Settings, register
+from tailorkit.methods.registry import Context, MethodResult, Settings, register
 from tailorkit.objectives import Logits
 from tailorkit.recipe import DTYPES, Recipe
 from tailorkit.search.driver import SearchSettings, run_search
 from tailorkit.search.executors import make_executor
 from tailorkit.search.space import SearchSpace, encode
 from tailorkit.similarity import block_influence
-from tailorkit.trials import RunnerConfig
+from tailorkit.trials import RunnerConfig, keep
 
 
 class GPTailorSettings(Settings):
@@ -40,7 +39,7 @@ class GPTailorSettings(Settings):
         *("executor", "workers", "device", "resume"),
     )
 
-    target_ratio: float = Field(gt=0, lt=1, description=TARGET_RATIO)
+    target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
     budget: int = Field(120, ge=1, description="candidate evaluations (on the small slice)")
     popsize: int = Field(12, ge=2, description="CMA-ES population per generation")
     sigma0: float = Field(0.5, gt=0, description="CMA-ES initial step size")
@@ -100,7 +99,7 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
         raise MethodError("gptailor needs candidate models (fine-tunes of the base)")
     n = ctx.runner.num_layers
     for ref in ctx.candidates:
-        _check_candidate(ctx.runner.base, Source(ref))
+        _check_candidate(ctx.base, n, ref)
     space = SearchSpace(
         base=ctx.base,
         candidates=tuple(ctx.candidates),
@@ -160,16 +159,15 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
     return MethodResult(result.recipe, report, images, files={"search": out})
 
 
-def _check_candidate(base: Source, candidate: Source) -> None:
-    if candidate.num_layers != base.num_layers:
+def _check_candidate(base: str, num_layers: int, ref: str) -> None:
+    """A candidate must be a fine-tune of the base: the same layers, tensors and shapes."""
+    try:
+        every_layer = [keep(i, "candidate") for i in range(num_layers)]
+        plan = Recipe.from_layers({"base": base, "candidate": ref}, every_layer).plan()
+        if plan.sources["candidate"].num_layers != num_layers:
+            raise RecipeError(f"it has {plan.sources['candidate'].num_layers} layers")
+    except (RecipeError, CheckpointError) as e:
         raise MethodError(
-            f"candidate {candidate.ref} has {candidate.num_layers} layers, the base "
-            f"{base.num_layers}: candidates must be fine-tunes of the base"
-        )
-    for i in range(base.num_layers):
-        ours, theirs = base.layer(i), candidate.layer(i)
-        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
-            raise MethodError(
-                f"candidate {candidate.ref}: layer {i} does not have the base's tensors "
-                "and shapes; candidates must be fine-tunes of the same base model"
-            )
+            f"candidate {ref}: {e}; candidates must be fine-tunes of the same base model, "
+            f"with its {num_layers} layers"
+        ) from None

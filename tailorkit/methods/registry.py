@@ -1,11 +1,10 @@
-"""How a method describes itself, once: the command line, the model card and the checks
-before any model is loaded all read the same :class:`MethodSpec`.
+"""How a method describes itself, once: a :class:`MethodSpec` that the command line, the
+model card and the checks made before any model is loaded all read.
 
-A method is a function ``(ctx, settings) -> MethodResult`` registered with
-:func:`register`: its name, a one-line summary, the label and paragraph of its model
-card, its BibTeX, and its settings as a pydantic model (type, default, range and help of
-each; cross-field rules as validators). ``tailorkit prune`` offers the settings a method
-lists in ``flags`` as options and the others through ``--set NAME=VALUE``.
+A method is a function ``(ctx, settings) -> MethodResult`` registered with :func:`register`
+with its summary, model-card label and paragraph, BibTeX, and settings: a pydantic model
+(type, default, range and help of each; cross-field rules as validators) whose ``flags``
+`tailorkit prune` offers as options, the rest through ``--set NAME=VALUE``.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tailorkit.errors import MethodError, validation_message
-from tailorkit.recipe import Recipe
-from tailorkit.trials import TrialRunner
-
-TARGET_RATIO = "fraction of the parameters to remove, in (0, 1)"
-THRESHOLD = "similarity the pruned model's final states must keep (instead of target_ratio)"
+from tailorkit.recipe import OutputLayer, Recipe
+from tailorkit.trials import BASE, TrialRunner
 
 
 class Settings(BaseModel):
@@ -30,6 +26,11 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     flags: ClassVar[tuple[str, ...]] = ()  # offered by `tailorkit prune` as --options
+    # Help shared by the methods' settings of the same name.
+    TARGET_RATIO: ClassVar[str] = "fraction of the parameters to remove, in (0, 1)"
+    THRESHOLD: ClassVar[str] = (
+        "similarity the pruned model's final states must keep (instead of target_ratio)"
+    )
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Context:
     def base(self) -> str:
         """The base model reference, as the recipe names it."""
         return self.runner.config.base
+
+    def recipe(self, plan: list[OutputLayer]) -> Recipe:
+        """The Recipe of a plan made of the base's layers (runs of kept layers: ranges)."""
+        return Recipe.from_layers({BASE: self.base}, plan)
 
 
 @dataclass

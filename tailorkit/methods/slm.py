@@ -20,22 +20,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tailorkit.methods.common import (
-    FUSIONS,
-    check_target,
-    fold,
-    largest_threshold,
-    plan_recipe,
-    removal_budget,
-)
-from tailorkit.methods.registry import (
-    TARGET_RATIO,
-    THRESHOLD,
-    Context,
-    MethodResult,
-    Settings,
-    register,
-)
+from tailorkit.methods.common import FUSIONS, check_target, fold, largest_threshold, removal_budget
+from tailorkit.methods.registry import Context, MethodResult, Settings, register
 from tailorkit.objectives import SIMILARITIES, FinalStates
 from tailorkit.trials import TrialRunner, keep
 
@@ -51,8 +37,8 @@ CITATION = """@article{ding2025slm,
 class SLMSettings(Settings):
     flags = ("target_ratio", "threshold", "similarity", "fusion")
 
-    target_ratio: float | None = Field(None, gt=0, lt=1, description=TARGET_RATIO)
-    threshold: float | None = Field(None, description=THRESHOLD)
+    target_ratio: float | None = Field(None, gt=0, lt=1, description=Settings.TARGET_RATIO)
+    threshold: float | None = Field(None, description=Settings.THRESHOLD)
     similarity: Literal[SIMILARITIES] = Field(
         "cka", description="how final hidden states are compared: linear CKA or mean cosine"
     )
@@ -126,4 +112,4 @@ def sliding_layer_merging(ctx: Context, settings: SLMSettings) -> MethodResult:
         "windows": windows,
         "runner": runner.cache_report(),
     }
-    return MethodResult(plan_recipe(ctx.base, plan), report)
+    return MethodResult(ctx.recipe(plan), report)
