@@ -12,7 +12,7 @@ import torch
 from tailorkit.calibration import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.errors import MethodError
-from tailorkit.methods import Context, get_method
+from tailorkit.methods import METHODS, Context, get_method
 from tailorkit.result import PruneResult
 from tailorkit.similarity import cka_matrix, plot_heatmap
 from tailorkit.trials import TrialRunner
@@ -52,7 +52,8 @@ def prune(
     if target_ratio is not None:
         settings["target_ratio"] = target_ratio
     if candidates and not spec.takes_candidates:
-        raise MethodError(f"method {method!r} prunes one model; candidates are for gptailor")
+        takers = ", ".join(name for name, m in METHODS.items() if m.takes_candidates)
+        raise MethodError(f"method {method!r} prunes one model; candidates are for {takers}")
     checked = spec.parse(settings)
     runner = TrialRunner.calibrate(
         base,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tailorkit.errors import RecipeError
-from tailorkit.recipe import Recipe
+from tailorkit.recipe import OutputLayer, Recipe
 
 EXAMPLE = """
 models:
@@ -70,6 +70,40 @@ def test_recipe_md_example_parses_and_expands(tmp_path):
     assert dict(layers[16].params) == {"t": 0.3}
     assert layers[17].sources == (("base", 17), ("base", 18), ("base", 19))
     assert r.base_model == "base" and r.embeddings_model == "base" and r.dtype == "bfloat16"
+
+
+def test_output_layers_written_back_expand_into_themselves(tmp_path):
+    """``Recipe.from_layers`` is the inverse of the expansion, for every merge method, and
+    output layers are hashable (caches key on them)."""
+    r = _load(tmp_path, EXAMPLE)
+    layers = r.output_layers()
+    weighted = Recipe.from_dict(
+        {
+            "models": r.models,
+            "layers": [
+                {
+                    "merge": "task_arithmetic",
+                    "base": {"from": "base", "layer": 3},
+                    "sources": [
+                        {"from": "chat", "layer": 3, "weight": 0.5},
+                        {"from": "math", "layer": 3},
+                    ],
+                },
+                {
+                    "merge": "linear",
+                    "sources": [{"from": "chat", "layer": 4}, {"from": "math", "layer": 4}],
+                },
+            ],
+        }
+    ).output_layers()
+    for plan in (layers, weighted, layers[::-1]):
+        again = Recipe.from_layers(r.models, plan, "bfloat16")
+        assert again.output_layers() == plan
+        assert len({hash(layer) for layer in plan}) == len(set(plan))
+    assert Recipe.from_layers(r.models, layers, "bfloat16").layers[0].layers == (0, 12)  # a range
+    assert Recipe.identity("x/m", 7).output_layers() == [
+        OutputLayer("passthrough", (("base", i),)) for i in range(7)
+    ]
 
 
 def test_linear_weights_are_normalised(tmp_path):

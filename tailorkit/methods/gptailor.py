@@ -34,10 +34,8 @@ from tailorkit.trials import RunnerConfig, keep
 
 
 class GPTailorSettings(Settings):
-    flags = (
-        *("target_ratio", "budget", "popsize", "objective"),
-        *("executor", "workers", "device", "resume"),
-    )
+    flags = ("target_ratio", "budget", "popsize", "objective", "executor", "workers")
+    flags += ("device", "resume")
 
     target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
     budget: int = Field(120, ge=1, description="candidate evaluations (on the small slice)")
@@ -135,14 +133,13 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
     options = {}
     if s.executor == "ray":  # one GPU per actor when the candidates run on GPUs
         options = {"workers": s.workers, "gpus_per_worker": 1 if s.device != "cpu" else 0}
-    runner = make_executor(s.executor, config, **options)
+    executor = make_executor(s.executor, config, **options)
     try:
-        result = run_search(
-            space, runner, x0, search, out, resume=s.resume, progress=ctx.runner.config.progress
-        )
-        cache = runner.cache_report()
+        progress = ctx.runner.config.progress
+        result = run_search(space, executor, x0, search, out, resume=s.resume, progress=progress)
+        cache = executor.cache_report()
     finally:
-        runner.close()
+        executor.close()
     report = {
         "settings": {"seed": seed, "fidelity_windows": fidelity, "candidates": ctx.candidates},
         "search": {
