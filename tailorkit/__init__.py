@@ -15,7 +15,7 @@ from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.errors import CheckpointError, MergeError, RecipeError, TailorkitError
 from tailorkit.eval import Evaluation, evaluate
 from tailorkit.plan import Plan
-from tailorkit.prune import prune
+from tailorkit.prune import bridge, prune
 from tailorkit.recipe import Recipe
 from tailorkit.result import PruneResult
 from tailorkit.version import __version__
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "analyze",
     "assemble",
+    "bridge",
     "build",
     "evaluate",
     "prune",

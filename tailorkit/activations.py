@@ -6,6 +6,12 @@ a batch of windows at a time. When they would not fit in memory they are
 written, batch by batch, to safetensors files in a scratch folder and read
 back memory-mapped, so a 70-layer model on thousands of tokens costs disk,
 not RAM.
+
+Attention sinks: in most LLMs the first position of a sequence (and some delimiter
+tokens) carries "massive activations", hidden states hundreds of times larger than
+the rest (SmolLM2: norms of ~22,000 against ~150). Any statistic pooled over tokens
+(linear CKA above all) is then about those few tokens. :meth:`Activations.sinks`
+finds them from the data, and the similarity statistics leave them out by default.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from tailorkit.forward import DecoderStack, Trace
 
 # Offload automatically when the states would take more than this share of free memory.
 AUTO_OFFLOAD_SHARE = 0.4
+# A token is an attention sink when, at some boundary, its hidden state's norm is this many
+# times the median there (SmolLM2: sinks 140-200x, every other token below 11x).
+SINK_FACTOR = 50.0
 
 
 class Activations:
@@ -35,19 +44,35 @@ class Activations:
     def __init__(self, traces: list[Trace], scratch=None):
         self.traces = traces
         self._scratch = scratch  # a TemporaryDirectory kept alive while the maps are in use
+        self._sinks: list[torch.Tensor] | None = None
 
     @property
     def offloaded(self) -> bool:
         return self._scratch is not None
 
-    def boundaries(self) -> Iterator[torch.Tensor]:
-        """Per batch, all boundaries as one ``(L + 1, B*T, d)`` float32 tensor."""
-        for trace in self.traces:
-            yield torch.stack([s.reshape(-1, s.shape[-1]).float() for s in trace.states])
+    def sinks(self) -> list[torch.Tensor]:
+        """Per batch, a ``(B*T,)`` bool mask of the attention-sink tokens: those whose
+        hidden-state norm is ``SINK_FACTOR`` times the median at some boundary."""
+        if self._sinks is None:
+            norms = [torch.stack(t.states).float().norm(dim=-1).flatten(1) for t in self.traces]
+            median = torch.cat(norms, dim=1).median(dim=1).values  # (L + 1,)
+            scale = SINK_FACTOR * median.clamp_min(torch.finfo(torch.float32).tiny)
+            self._sinks = [(n > scale[:, None]).any(0).cpu() for n in norms]
+        return self._sinks
 
-    def outputs(self) -> Iterator[torch.Tensor]:
-        """Per batch, the L layer outputs ``(L, B*T, d)``: boundaries 1..L."""
-        for b in self.boundaries():
+    def boundaries(self, skip_sinks: bool = False) -> Iterator[torch.Tensor]:
+        """Per batch, all boundaries as one ``(L + 1, n, d)`` float32 tensor: n = B*T
+        tokens, or the tokens that are not attention sinks."""
+        sinks = self.sinks() if skip_sinks else [None] * len(self.traces)
+        for trace, sink in zip(self.traces, sinks):
+            states = [s.reshape(-1, s.shape[-1]) for s in trace.states]
+            if sink is not None:
+                states = [s[~sink.to(s.device)] for s in states]
+            yield torch.stack([s.float() for s in states])
+
+    def outputs(self, skip_sinks: bool = False) -> Iterator[torch.Tensor]:
+        """Per batch, the L layer outputs ``(L, n, d)``: boundaries 1..L."""
+        for b in self.boundaries(skip_sinks):
             yield b[1:]
 
 

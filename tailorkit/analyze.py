@@ -27,10 +27,12 @@ def analyze(
     plot: str | Path | None = None,
     progress: bool = True,
     device: str | None = None,
+    keep_sinks: bool = False,
 ) -> dict[str, Any]:
     """CKA between all layer outputs, Block Influence per layer, angular distance of
     adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
-    the CKA on the GPU."""
+    the CKA on the GPU. The attention-sink tokens (massive activations, found from the
+    data) are left out of all three unless ``keep_sinks``."""
     device = resolve_device(device)  # fail before the work
     runner = TrialRunner.calibrate(
         model,
@@ -42,17 +44,21 @@ def analyze(
         offload=offload,
         progress=progress,
     )
-    acts = runner.activations
-    cka = cka_matrix(acts.outputs(), kernel=kernel, device=device)
-    influence = block_influence(acts.boundaries())
-    angular = angular_distance(acts.boundaries(), 1)
+    acts, skip = runner.activations, not keep_sinks
+    cka = cka_matrix(acts.outputs(skip), kernel=kernel, device=device)
+    influence = block_influence(acts.boundaries(skip))
+    angular = angular_distance(acts.boundaries(skip), 1)
     if plot is not None:
-        plot_heatmap(cka, plot, f"{kernel} CKA of layer outputs: {runner.base.path.name}")
+        tokens = "all tokens" if keep_sinks else "sink tokens left out"
+        title = f"{kernel} CKA of layer outputs, {tokens}: {runner.base.path.name}"
+        plot_heatmap(cka, plot, title)
     return {
         "model": model,
         "kernel": kernel,
         "layers": runner.num_layers,
         "tokens": int(runner.config.windows.numel()),
+        "sink_tokens": int(torch.cat(acts.sinks()).sum()),
+        "sinks_left_out": skip,
         "offloaded": acts.offloaded,
         "cka": _rounded(cka),
         "block_influence": _rounded(influence),

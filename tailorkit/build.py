@@ -86,7 +86,7 @@ def build(
             _write_weights(plan, tmp, max_bytes, progress, streamer)
         _write_text(tmp / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(plan.base, tmp)
-        _write_text(tmp / "recipe.yaml", plan.recipe.to_yaml())
+        _write_recipe(plan.recipe, tmp / "recipe.yaml")
         _write_text(tmp / "README.md", readme if readme is not None else default_readme(plan))
         for name, src in (extra_files or {}).items():
             _copy(src, tmp / _plain_name(name))
@@ -100,6 +100,14 @@ def _write_text(path: Path, text: str) -> None:
     try:
         path.write_text(text)
     except OSError as e:  # a full disk, most likely: say which file, not a bare errno
+        raise CheckpointError(f"{path}: write failed ({e.strerror or e})") from e
+
+
+def _write_recipe(recipe: Recipe, path: Path) -> None:
+    """recipe.yaml, and the fitted tensors file it names, so the folder rebuilds itself."""
+    try:
+        recipe.save(path)
+    except OSError as e:
         raise CheckpointError(f"{path}: write failed ({e.strerror or e})") from e
 
 

@@ -20,6 +20,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
+from tailorkit.bridges import CITATION as BRIDGES_BIB
 from tailorkit.checkpoint import builtin
 from tailorkit.errors import CheckpointError, HubError
 from tailorkit.methods import METHODS
@@ -139,8 +140,40 @@ def _provenance(plan: Plan) -> str:
     for i, layer in enumerate(plan.layers):
         sources = ", ".join(f"{m}[{idx}]" for m, idx in layer.sources)
         base = f"{layer.base[0]}[{layer.base[1]}]" if layer.base else ""
-        rows.append(f"| {i} | {layer.method} | {sources} | {base} | {_weights(layer)} |")
+        method = f"{layer.method} + {layer.bridge}" if layer.bridge else layer.method
+        rows.append(f"| {i} | {method} | {sources} | {base} | {_weights(layer)} |")
     return "\n".join(rows)
+
+
+def _bridges(plan: Plan, fits: list[dict] | None) -> str:
+    text = (
+        "Linear bridges (ReplaceMe, arXiv:2505.02819), fitted on calibration text, stand in "
+        "for removed layers: each hidden x hidden map T is folded into the MLP output "
+        "projection of the layer before the gap (W <- T^T W), so the checkpoint keeps the "
+        f"base's shape and needs no custom code. The maps are in `{plan.recipe.tensors.file}`"
+        " beside `recipe.yaml`, which names it with its sha256."
+    )
+    if not fits:
+        return text
+    rows = [
+        "| output layer | bridge | stands in for base layers | tokens fitted | held-back error "
+        "| without the bridge |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for fit in fits:
+        start, stop = fit["removed"]
+        name = fit["name"] if fit["kept"] else "(dropped: no better on held-back tokens)"
+        rows.append(
+            f"| {fit['layer']} | {name} | {start if stop == start + 1 else f'{start}-{stop - 1}'} "
+            f"| {fit['tokens']} "
+            f"| {fit['error']:.4f} | {fit['error_without']:.4f} |"
+        )
+    error = (
+        "The error is the weighted relative distance of the residual stream after the "
+        "bridged layer to the dense model's at the next kept layer, on calibration windows "
+        "held back from the fit."
+    )
+    return "\n\n".join([text, "\n".join(rows), error])
 
 
 def _used_models(plan: Plan) -> list[str]:
@@ -330,6 +363,10 @@ def make_model_card(
         "included, with the rule and coefficients shown."
     )
     body.append(_provenance(plan))
+    bridged = any(layer.bridge for layer in plan.layers)
+    if bridged:
+        body.append("## Bridges")
+        body.append(_bridges(plan, (report or {}).get("bridges")))
     if images:
         body.append("## Figures")
         body.append(_images(images))
@@ -365,7 +402,7 @@ def make_model_card(
     body.append(f"```bash\npip install tailorkit\n{rebuild}\n```")
     body.append("## Citation")
     cited = [*CITED_ALWAYS, *([key] if key in METHODS and key not in CITED_ALWAYS else [])]
-    bibs = [METHODS[name].citation for name in cited]
+    bibs = [METHODS[name].citation for name in cited] + ([BRIDGES_BIB] if bridged else [])
     body.append(
         "The methods tailorkit implements:\n\n" + "\n\n".join(f"```bibtex\n{b}\n```" for b in bibs)
     )

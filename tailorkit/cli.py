@@ -142,6 +142,13 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="build the checkpoint here (with its model card)")
+    p.add_argument("--recipe", help="also write the recipe to this file (fitted tensors beside)")
+    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def _calibration(args: argparse.Namespace) -> dict:
     """The options of `_calibration_args` as keyword arguments of prune / analyze."""
     names = ("calibration", "seq_len", "num_windows", "batch_size", "seed", "offload")
@@ -160,7 +167,6 @@ def _setting(text: str) -> tuple[str, object]:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from tailorkit.methods import METHODS
     from tailorkit.prune import prune
-    from tailorkit.result import command_line
 
     spec = METHODS[args.method]
     settings = dict(args.set or [])
@@ -179,24 +185,57 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         # shipped inside the finished checkpoint.
         settings["search_dir"] = Path(args.out) / "search"
     result = prune(
-        args.base, method=args.method, candidates=args.candidate, **_calibration(args), **settings
+        args.base,
+        method=args.method,
+        candidates=args.candidate,
+        bridge=args.bridge,
+        **_calibration(args),
+        **settings,
     )
+    overwrite = args.overwrite
+    if search and args.out and Path(args.out).is_dir():
+        # Only the search log is there yet: the checkpoint takes its place (log included).
+        overwrite = overwrite or {p.name for p in Path(args.out).iterdir()} <= {"search"}
+    return _write_result(result, args, overwrite, args.method)
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    from tailorkit.prune import bridge
+
+    result = bridge(args.recipe_file, **_calibration(args))
+    return _write_result(result, args, args.overwrite, "bridge")
+
+
+def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) -> int:
+    """A PruneResult where the options say: a checkpoint (--out), a recipe (--recipe),
+    or the recipe on stdout."""
+    from tailorkit.result import command_line
+
     result.command = command_line(args.argv)
-    print(f"{args.method}: {result.summary()}", file=sys.stderr)
+    print(f"{what}: {result.summary()}", file=sys.stderr)
+    for fit in result.report.get("bridges", []):
+        start, stop = fit["removed"]
+        removed = f"{start}" if stop == start + 1 else f"{start}-{stop - 1}"
+        verdict = "kept" if fit["kept"] else "dropped: no better on held-back tokens"
+        print(
+            f"  {fit['name']} (output layer {fit['layer']}, for base layers {removed}): "
+            f"held-back error {fit['error']:.3f}, {fit['error_without']:.3f} without; {verdict}",
+            file=sys.stderr,
+        )
     if args.recipe:
         result.recipe.to_yaml(args.recipe)
         print(f"wrote {args.recipe}", file=sys.stderr)
-    overwrite = args.overwrite
     if args.out:
-        out = Path(args.out)
-        if search and out.is_dir():
-            # Only the search log is there yet: the checkpoint takes its place (log included).
-            overwrite = overwrite or {p.name for p in out.iterdir()} <= {"search"}
         result.save_pretrained(
             args.out, shard_size=args.shard_size, overwrite=overwrite, progress=not args.quiet
         )
         print(f"wrote {args.out}", file=sys.stderr)
     if not (args.out or args.recipe):
+        if result.recipe.tensors is not None:
+            raise TailorkitError(
+                "the recipe has fitted tensors (bridges), which YAML on stdout cannot carry: "
+                "give --recipe FILE or --out DIR"
+            )
         print(result.recipe.to_yaml(), end="")
     return 0
 
@@ -205,7 +244,12 @@ def _cmd_cka(args: argparse.Namespace) -> int:
     from tailorkit.analyze import analyze
 
     report = analyze(
-        args.model, kernel=args.kernel, plot=args.plot, device=args.device, **_calibration(args)
+        args.model,
+        kernel=args.kernel,
+        plot=args.plot,
+        device=args.device,
+        keep_sinks=args.keep_sinks,
+        **_calibration(args),
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -214,8 +258,11 @@ def _cmd_cka(args: argparse.Namespace) -> int:
     cka = report["cka"]
     adjacent = [(cka[i][i + 1], i) for i in range(len(cka) - 1)]
     top = sorted(adjacent, reverse=True)[:5]
+    sinks = f"{report['sink_tokens']} attention-sink tokens " + (
+        "left out" if report["sinks_left_out"] else "kept"
+    )
     print(
-        f"{report['model']}: {report['layers']} layers, {report['tokens']} tokens, "
+        f"{report['model']}: {report['layers']} layers, {report['tokens']} tokens ({sinks}), "
         f"{report['kernel']} CKA"
     )
     print("most similar adjacent layers: " + ", ".join(f"{i}-{i + 1} ({v:.3f})" for v, i in top))
@@ -314,12 +361,28 @@ def _add_analysis_commands(sub) -> None:
         metavar="KEY=VALUE",
         help="another method setting, e.g. --set fold=3 (repeatable)",
     )
-    pr.add_argument("--out", help="build the pruned checkpoint here (with its model card)")
-    pr.add_argument("--recipe", help="also write the recipe to this file")
-    pr.add_argument("--shard-size", default="5GB")
-    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pr.add_argument(
+        "--bridge",
+        action="store_true",
+        help="then fit a linear bridge after every run of removed layers (see `bridge`)",
+    )
+    _output_args(pr)
     _calibration_args(pr)
     pr.set_defaults(func=_cmd_prune)
+
+    br = sub.add_parser(
+        "bridge",
+        help="fit linear bridges for the removed layers of any recipe, then build",
+        description="After every run of layers a recipe removes (or merges), fit a hidden x "
+        "hidden map on calibration text that takes the residual stream where the removed "
+        "layers would have, and fold it into the MLP output projection of the layer before "
+        "the gap (ReplaceMe): no new parameters, a standard checkpoint. Bridges the recipe "
+        "had are refitted.",
+    )
+    br.add_argument("recipe_file", metavar="RECIPE", help="recipe file (.yaml or .json)")
+    _output_args(br)
+    _calibration_args(br)
+    br.set_defaults(func=_cmd_bridge)
 
     ck = sub.add_parser("cka", help="layer similarity: CKA heatmap, Block Influence")
     ck.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model directory or reference")
@@ -327,6 +390,11 @@ def _add_analysis_commands(sub) -> None:
     ck.add_argument("--plot", help="write the CKA heatmap here (PNG)")
     ck.add_argument("--json", help="write the figures here (JSON)")
     ck.add_argument("--device", help="compute the CKA here, e.g. cuda (default: the CPU)")
+    ck.add_argument(
+        "--keep-sinks",
+        action="store_true",
+        help="also count the attention-sink tokens (massive activations; left out by default)",
+    )
     _calibration_args(ck)
     ck.set_defaults(func=_cmd_cka)
 

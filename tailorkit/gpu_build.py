@@ -60,7 +60,7 @@ from tailorkit.checkpoint.safetensors_format import itemsize
 from tailorkit.checkpoint.writer import ShardWriter
 from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError
-from tailorkit.merge import LINEAR_METHODS, check_finite, merge_tensor
+from tailorkit.merge import LINEAR_METHODS, check_finite
 from tailorkit.plan import Input, TensorJob
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ class _Lane:
             on_device = [v.to(self.device) for v in task.views]
             inputs = on_device[: len(job.inputs)]
             base = on_device[-1] if job.base else None
-            merged = merge_tensor(job.layer, inputs, base, job.dtype, where=job.where)
-            host = merged.reshape(-1).cpu()  # synchronises the lane's stream
+            host = job.merge(inputs, base).reshape(-1).cpu()  # synchronises the lane's stream
         job.release()
         return task.writer.write(job.name, host, 0)
 
@@ -300,7 +299,7 @@ class DeviceStreamer:
             return []
         inputs = job.all_inputs()
         views = [i.view() for i in inputs]  # zero-copy; made here, as Source is not thread-safe
-        if job.layer.method == "ties":
+        if job.layer.method == "ties" or job.fold is not None:
             return [_Task(job, writer, whole=True, views=tuple(views))]
         base = views[-1] if job.base else None
         # The same weights the CPU path uses (for slerp: its float64 reduction, on the CPU).

@@ -5,7 +5,8 @@
   smooth, needs no labels), ``loss`` (the trial's LM loss) and ``lm_eval`` (1 - the mean
   primary metric of lm-eval tasks with a sample limit: the paper's objective, slow).
 * :class:`FinalStates` -- how alike the trial's final hidden states are to the base
-  model's (linear CKA, or mean cosine per token): what SLM and LaCo decide by.
+  model's (linear CKA, or mean cosine per token), by default past the attention-sink
+  tokens: what SLM and LaCo decide by.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class FinalStates(Objective):
 
     kind: str = "cka"
     kernel: str = "linear"
+    skip_sinks: bool = False  # leave the attention-sink tokens out (Activations.sinks)
 
     def reference(self, runner, batch: int) -> torch.Tensor:
         return runner.reference("final", batch, lambda t: runner.stack.final(t.states[-1]))
@@ -123,6 +125,9 @@ class FinalStates(Objective):
         d = state.shape[-1]
         out = runner.stack.final(state).reshape(-1, d)  # (B*T, d)
         ref = self.reference(runner, batch).reshape(-1, d)
+        if self.skip_sinks:
+            keep = ~runner.activations.sinks()[batch].to(out.device)
+            out, ref = out[keep], ref[keep]
         if self.kind == "cosine":
             cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1)
             return float(cos.sum()), cos.numel()

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from tailorkit.checkpoint.architecture import get_path, set_path
+from tailorkit.checkpoint.architecture import get_path, mlp_output, set_path
 from tailorkit.checkpoint.safetensors_format import TensorInfo
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
-from tailorkit.merge import merge_chunks, merge_tensor
+from tailorkit.merge import check_finite, merge_chunks, merge_tensor
 from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
@@ -34,7 +34,23 @@ class Input:
         return self.source.view(self.info)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class Fold:
+    """A bridge T folded into a merged tensor, in float64: ``T^T W`` for an nn.Linear
+    weight (hidden, intermediate) (``left``), ``W T`` for a Conv1D weight (intermediate,
+    hidden) or ``b T`` for a bias (``right``)."""
+
+    bridge: torch.Tensor  # (hidden, hidden)
+    side: str
+
+    def apply(self, merged: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+        t, m = self.bridge.to(merged.device, torch.float64), merged.double()
+        out = (t.T @ m if self.side == "left" else m @ t).to(dtype)
+        check_finite(out, where)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
 class TensorJob:
     """How to produce one output tensor."""
 
@@ -45,6 +61,7 @@ class TensorJob:
     inputs: tuple[Input, ...]
     base: Input | None = None
     out_index: int | None = None  # output layer index, None for embeddings / head
+    fold: Fold | None = None  # a bridge applied after the merge
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +74,8 @@ class TensorJob:
     @property
     def is_raw_copy(self) -> bool:
         """A passthrough whose bytes do not change: copied without decoding."""
-        return self.layer.method == "passthrough" and self.inputs[0].info.dtype == self.dtype
+        same = self.inputs[0].info.dtype == self.dtype
+        return self.layer.method == "passthrough" and same and self.fold is None
 
     @property
     def where(self) -> str:
@@ -75,13 +93,20 @@ class TensorJob:
         """The whole output tensor in memory: a zero-copy view for raw passthroughs."""
         if self.is_raw_copy:
             return self.inputs[0].view()
-        base = self.base.view() if self.base else None
-        return merge_tensor(
-            self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
-        )
+        return self.merge([i.view() for i in self.inputs], self.base.view() if self.base else None)
+
+    def merge(self, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        """The whole output tensor from its inputs' tensors (mapped views, or device copies)."""
+        if self.fold is None:
+            return merge_tensor(self.layer, inputs, base, self.dtype, where=self.where)
+        merged = merge_tensor(self.layer, inputs, base, torch.float32, where=self.where)
+        return self.fold.apply(merged, self.dtype, self.where)
 
     def chunks(self):
-        """The flattened output a chunk at a time (for the streaming writer)."""
+        """The flattened output a chunk at a time (for the streaming writer); a folded
+        tensor in one piece, as the fold's product needs all of it."""
+        if self.fold is not None:
+            return iter([self.compute().reshape(-1)])
         base = self.base.view() if self.base else None
         return merge_chunks(
             self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
@@ -170,8 +195,9 @@ def make_plan(
     jobs: list[TensorJob] = []
     for name in base.arch.embedding_tensors:
         jobs.append(_passthrough_job(name, sources[recipe.embeddings_model], base, out_dtype))
+    fitted = recipe.fitted() if any(layer.bridge for layer in layers) else {}
     for out_index, layer in enumerate(layers):
-        jobs += layer_jobs(out_index, layer, sources, out_dtype, recipe.base_model).values()
+        jobs += layer_jobs(out_index, layer, sources, out_dtype, recipe.base_model, fitted).values()
     for name in base.arch.head_tensors:
         jobs.append(_passthrough_job(name, sources[recipe.head_model], base, out_dtype))
     config = _output_config(base, sources, layers, out_dtype)
@@ -237,10 +263,12 @@ def layer_jobs(
     sources: dict[str, Source],
     dtype: torch.dtype,
     base_model: str = "base",
+    fitted: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, TensorJob]:
     """The jobs of output layer ``out_index``, by tensor name inside the layer (``mlp.up_proj.
     weight``): what the build writes, and what the trial runner runs a candidate layer with.
-    ``base_model`` names the model whose layout and tensor names the output takes."""
+    ``base_model`` names the model whose layout and tensor names the output takes;
+    ``fitted`` holds the bridges the layer may name."""
     base = sources[base_model]
     where = f"output layer {out_index} ({layer.describe()})"
     refs = list(layer.sources) + ([layer.base] if layer.base else [])
@@ -257,6 +285,7 @@ def layer_jobs(
         _same_layout(
             where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference
         )
+    folds = _folds(layer, first, fitted or {}, where)
     jobs = {}
     for rest, info in first.items():
         inputs = tuple(Input(sources[m], t[rest]) for (m, _), t in zip(layer.sources, tensors))
@@ -264,9 +293,44 @@ def layer_jobs(
         name = base.arch.layer_name(out_index, rest)
         job_layer = layer if info.dtype.is_floating_point else PASSTHROUGH
         jobs[rest] = TensorJob(
-            name, info.shape, _out_dtype(info, dtype), job_layer, inputs, base_input, out_index
+            name,
+            info.shape,
+            _out_dtype(info, dtype),
+            job_layer,
+            inputs,
+            base_input,
+            out_index,
+            folds.get(rest),
         )
     return jobs
+
+
+def _folds(
+    layer: OutputLayer, tensors: dict[str, TensorInfo], fitted: dict, where: str
+) -> dict[str, Fold]:
+    """The tensors of ``layer`` its bridge folds into, by name inside the layer."""
+    if not layer.bridge:
+        return {}
+    try:
+        weight, bias, side = mlp_output(tensors, where)
+    except CheckpointError as e:
+        raise RecipeError(str(e)) from None
+    bridge = fitted.get(layer.bridge)
+    if bridge is None:
+        have = ", ".join(sorted(fitted)) or "none"
+        raise RecipeError(
+            f"{where}: bridge {layer.bridge!r} is not among the recipe's fitted tensors ({have})"
+        )
+    d = tensors[weight].shape[0 if side == "left" else 1]
+    if tuple(bridge.shape) != (d, d) or not bridge.is_floating_point():
+        raise RecipeError(
+            f"{where}: bridge {layer.bridge!r} is {bridge.dtype} of shape {list(bridge.shape)}; "
+            f"it must be a floating-point ({d}, {d}) matrix (hidden x hidden)"
+        )
+    folds = {weight: Fold(bridge, side)}
+    if bias:
+        folds[bias] = Fold(bridge, "right")
+    return folds
 
 
 def _same_layout(

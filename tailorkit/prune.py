@@ -1,4 +1,5 @@
-"""``tailorkit.prune``: choose a layer plan for a model and return it as a PruneResult."""
+"""``tailorkit.prune`` chooses a layer plan for a model, ``tailorkit.bridge`` bridges the gaps
+of any plan; both return a PruneResult."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ from typing import Any
 
 import torch
 
-from tailorkit.calibration import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
+from tailorkit import bridges
+from tailorkit.calibration import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_NUM_WINDOWS,
+    DEFAULT_SEQ_LEN,
+    calibration_windows,
+)
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.errors import MethodError
 from tailorkit.methods import METHODS, Context, get_method
+from tailorkit.plan import Plan
+from tailorkit.recipe import Recipe
 from tailorkit.result import PruneResult
 from tailorkit.similarity import cka_matrix, plot_heatmap
-from tailorkit.trials import TrialRunner
+from tailorkit.trials import RunnerConfig, TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,7 @@ def prune(
     seed: int = 0,
     offload: bool | str | None = None,
     progress: bool = True,
+    bridge: bool = False,
     **settings: Any,
 ) -> PruneResult:
     """Compress ``base`` depth-wise with ``method`` and return the plan with its report.
@@ -46,7 +56,8 @@ def prune(
     default) cut into ``num_windows`` windows of ``seq_len`` tokens with ``seed``.
     Other keyword ``settings`` go to the method (e.g. ``fusion="average"``); each
     method's settings, with defaults and ranges, are listed by ``tailorkit prune --help``
-    and checked before any model is loaded.
+    and checked before any model is loaded. ``bridge=True`` then fits a linear bridge
+    after every run of removed layers (:mod:`tailorkit.bridges`) on the same windows.
     """
     spec = get_method(method)
     if target_ratio is not None:
@@ -69,18 +80,76 @@ def prune(
     work_dir = Path(tempfile.mkdtemp(prefix="tailorkit-prune-"))
     ctx = Context(runner, work_dir, list(candidates or []), seed)
     result = spec.run(ctx, checked)
+    recipe, extra = result.recipe, {}
+    if bridge:
+        same = recipe.models == {runner.config.base_name: base}
+        recipe, extra = _bridged(recipe, runner if same else None, runner.config)
 
-    cka = cka_matrix(runner.activations.outputs())
-    heatmap = plot_heatmap(
-        cka, work_dir / "cka.png", f"linear CKA of layer outputs: {runner.base.path.name}"
-    )
-    plan = result.recipe.plan()
-    windows = runner.config.windows
+    cka = cka_matrix(runner.activations.outputs(skip_sinks=True))
+    title = f"linear CKA of layer outputs, sink tokens left out: {runner.base.path.name}"
+    heatmap = plot_heatmap(cka, work_dir / "cka.png", title)
+    plan = recipe.plan()
     report = {
         "method": method,
         **result.report,
         "settings": {**checked.model_dump(mode="json"), **result.report.get("settings", {})},
         "base": base,
+        **_plan_report(plan, calibration, runner.config.windows, seed),
+        "sinks": _sinks(runner),
+        "cka": [[round(float(x), 5) for x in row] for row in cka],
+        **extra,
+    }
+    images = {
+        "CKA between layer outputs on the calibration text (attention sinks left out)": heatmap,
+        **result.images,
+    }
+    log.info("%s: %s", method, plan.summary())
+    return PruneResult(recipe, report, images, files=result.files)
+
+
+def bridge(
+    recipe: Recipe | str | Path,
+    *,
+    calibration: Any = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    num_windows: int = DEFAULT_NUM_WINDOWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    offload: bool | str | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """``recipe`` (any, a hand-written one too) with a linear bridge after every run of
+    removed layers (:mod:`tailorkit.bridges`), fitted on ``calibration`` cut as for
+    :func:`prune`; bridges it had are refitted. Returns a PruneResult to save or push."""
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    plan = recipe.plan()  # the recipe and its models are valid before any work
+    windows = calibration_windows(
+        plan.base.path, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
+    )
+    config = RunnerConfig(
+        plan.base.ref, windows, batch_size=batch_size, offload=offload, progress=progress
+    )
+    bridged, extra = _bridged(recipe, None, config)
+    report = {"base": plan.base.ref, **_plan_report(bridged.plan(), calibration, windows, seed)}
+    return PruneResult(bridged, report | extra)
+
+
+def _bridged(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig):
+    """``recipe`` bridged on ``runner`` (or one opened on its models, as ``config`` says)."""
+    if runner is None:
+        runner = bridges.runner_for(
+            recipe,
+            config.windows,
+            batch_size=config.batch_size,
+            offload=config.offload,
+            progress=config.progress,
+        )
+    bridged, fits = bridges.fit_bridges(runner, recipe, progress=config.progress)
+    return bridged, {"bridges": bridges.report(fits)}
+
+
+def _plan_report(plan: Plan, calibration: Any, windows: torch.Tensor, seed: int) -> dict:
+    return {
         "calibration": {
             "source": _describe(calibration),
             "windows": int(windows.shape[0]),
@@ -88,15 +157,18 @@ def prune(
             "tokens": int(windows.numel()),
             "seed": seed,
         },
-        "layers": {"base": runner.num_layers, "output": plan.num_layers},
+        "layers": {"base": plan.base.num_layers, "output": plan.num_layers},
         "removed_layer_fraction": plan.removed_layer_fraction,
         "removed_parameter_fraction": plan.removed_parameter_fraction,
         "parameters": {"base": plan.base_parameters, "output": plan.num_parameters},
-        "cka": [[round(float(x), 5) for x in row] for row in cka],
     }
-    images = {"CKA between layer outputs on the calibration text": heatmap, **result.images}
-    log.info("%s: %s", method, plan.summary())
-    return PruneResult(result.recipe, report, images, files=result.files)
+
+
+def _sinks(runner: TrialRunner) -> dict:
+    """How many calibration tokens are attention sinks, and how many of them open a window."""
+    sinks = torch.cat(runner.activations.sinks())  # (N*T,)
+    first = sinks.view(-1, runner.config.windows.shape[1])[:, 0]
+    return {"tokens": int(sinks.sum()), "at_position_0": int(first.sum())}
 
 
 def _describe(calibration: Any) -> str:

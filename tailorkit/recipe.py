@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -24,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -33,6 +35,8 @@ from pydantic import (
 from tailorkit.errors import RecipeError, validation_message
 from tailorkit.version import __version__
 
+FITTED_FILE = "recipe.safetensors"  # the tensors file's default name, beside the recipe
+BRIDGE = "fitted tensor T folded into this layer's MLP output projection (W <- T^T W)"
 MERGE_METHODS = ("passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,6 +53,7 @@ class LayerRef(_Strict):
     weight: float | None = Field(
         default=None, description="weight in a linear or task-arithmetic merge"
     )
+    bridge: str | None = Field(default=None, description=BRIDGE)
 
     @field_validator("weight")
     @classmethod
@@ -63,6 +68,13 @@ class LayerRange(_Strict):
 
     model: str = Field(alias="from")
     layers: tuple[int, int] = Field(description="half-open range [start, stop), like range()")
+    bridge: str | None = None
+
+    @field_validator("bridge")
+    @classmethod
+    def _no_bridge(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError("a bridge sits on one layer ({from, layer}) or a merge, not a range")
 
     @field_validator("layers")
     @classmethod
@@ -83,6 +95,7 @@ class Merge(_Strict):
     t: float | None = Field(
         default=None, ge=0, le=1, description="slerp position, 0 = first source"
     )
+    bridge: str | None = Field(default=None, description=BRIDGE)
 
     @field_validator("lambda_")
     @classmethod
@@ -124,6 +137,21 @@ class Merge(_Strict):
             if total == 0:
                 raise ValueError("linear merge weights sum to 0; they are normalised to sum 1")
         return self
+
+
+class TensorsFile(_Strict):
+    """Fitted tensors (bridges) in a safetensors file beside the recipe."""
+
+    file: str = Field(description="safetensors file, relative to the recipe's folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the file's digest")
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        parts = PurePosixPath(v).parts
+        if not parts or v.startswith("/") or ".." in parts or "\\" in v or "\0" in v:
+            raise ValueError(f"file must be a path inside the recipe's folder, got {v!r}")
+        return v
 
 
 _TAGS = ("Merge", "LayerRange", "LayerRef")
@@ -168,6 +196,7 @@ class OutputLayer:
     weights: tuple[float, ...] = ()  # effective coefficients, meaning depends on method
     base: tuple[str, int] | None = None
     params: tuple[tuple[str, float], ...] = ()  # (name, value): lambda, density, t
+    bridge: str | None = None  # a fitted tensor folded into the MLP output projection
 
     @property
     def first(self) -> tuple[str, int]:
@@ -180,20 +209,20 @@ class OutputLayer:
     def describe(self) -> str:
         """One line for tables and errors, e.g. ``linear(a[3] x0.6, b[3] x0.4)``."""
         refs = [f"{m}[{i}]" for m, i in self.sources]
-        if self.method == "passthrough":
-            return refs[0]
         if self.method == "linear":
             refs = [f"{r} x{w:.3g}" for r, w in zip(refs, self.weights)]
         if self.base:
             refs.insert(0, f"base {self.base[0]}[{self.base[1]}]")
         refs += [f"{k}={v:.3g}" for k, v in self.params]
-        return f"{self.method}({', '.join(refs)})"
+        text = refs[0] if self.method == "passthrough" else f"{self.method}({', '.join(refs)})"
+        return f"{text} + {self.bridge}" if self.bridge else text
 
     def entry(self) -> dict[str, Any]:
         """This layer as a recipe entry, which ``Recipe.output_layers`` expands back into it."""
         refs: list[dict[str, Any]] = [{"from": m, "layer": i} for m, i in self.sources]
+        bridge = {"bridge": self.bridge} if self.bridge else {}
         if self.method == "passthrough":
-            return refs[0]
+            return refs[0] | bridge
         unequal = self.method == "linear" and len(set(self.weights)) > 1
         scaled = self.method == "task_arithmetic" and any(w != 1.0 for w in self.weights)
         if unequal or scaled:
@@ -201,7 +230,7 @@ class OutputLayer:
         entry: dict[str, Any] = {"merge": self.method, "sources": refs}
         if self.base:
             entry["base"] = {"from": self.base[0], "layer": self.base[1]}
-        return entry | dict(self.params)
+        return entry | dict(self.params) | bridge
 
 
 class Recipe(_Strict):
@@ -214,9 +243,16 @@ class Recipe(_Strict):
         default=None, description="model whose config, tokenizer and non-layer tensors are used"
     )
     dtype: Literal[DTYPES] | None = None
+    tensors: TensorsFile | None = None
     layers: list[LayerEntry] = Field(min_length=1)
     embeddings: str | None = None
     head: str | None = None
+    # Not part of the recipe's value: where its tensors file is, or the tensors themselves.
+    _folder: Path | None = PrivateAttr(None)
+    _fitted: dict | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
 
     @model_validator(mode="after")
     def _names_exist(self) -> Recipe:
@@ -239,6 +275,11 @@ class Recipe(_Strict):
                         f"layers[{i}]: model {ref.model!r} is not in models "
                         f"({', '.join(self.models)})"
                     )
+            if entry.bridge and self.tensors is None:
+                raise ValueError(
+                    f"layers[{i}].bridge: {entry.bridge!r} names a fitted tensor, but the "
+                    "recipe has no tensors file (tensors: {file, sha256})"
+                )
         return self
 
     # -- names ---------------------------------------------------------------------------
@@ -264,9 +305,10 @@ class Recipe(_Strict):
                     OutputLayer("passthrough", ((entry.model, i),)) for i in range(*entry.layers)
                 ]
             elif isinstance(entry, LayerRef):
-                out.append(OutputLayer("passthrough", ((entry.model, entry.layer),)))
+                ref = ((entry.model, entry.layer),)
+                out.append(OutputLayer("passthrough", ref, bridge=entry.bridge))
             else:
-                out.append(_expand_merge(entry))
+                out.append(replace(_expand_merge(entry), bridge=entry.bridge))
         return out
 
     # -- construction ----------------------------------------------------------------------
@@ -279,35 +321,97 @@ class Recipe(_Strict):
 
     @classmethod
     def from_layers(
-        cls, models: dict[str, str], layers: Sequence[OutputLayer], dtype: str | None = None
+        cls,
+        models: dict[str, str],
+        layers: Sequence[OutputLayer],
+        dtype: str | None = None,
+        fitted: dict | None = None,
     ) -> Recipe:
         """The recipe whose expansion is ``layers``; runs of layers one model passes through
-        become ranges."""
+        become ranges. ``fitted``: the tensors the layers' bridges name."""
+        data = {"models": dict(models)} | ({"dtype": dtype} if dtype else {})
+        return cls._of(data, layers, fitted)
+
+    def with_layers(self, layers: Sequence[OutputLayer], fitted: dict | None = None) -> Recipe:
+        """This recipe (models, base, dtype, embeddings, head) with ``layers`` instead."""
+        data = self.to_dict()
+        data.pop("tensors", None)
+        return Recipe._of(data, layers, fitted)
+
+    @classmethod
+    def _of(cls, data: dict, layers: Sequence[OutputLayer], fitted: dict | None) -> Recipe:
         entries: list[dict[str, Any]] = []
         for layer in layers:
             entry = layer.entry()
             last = entries[-1] if entries else {}
-            if "layer" in entry and "merge" not in last and last.get("from") == entry["from"]:
+            plain = not ({"merge", "bridge"} & (set(entry) | set(last)))
+            if "layer" in entry and plain and last.get("from") == entry["from"]:
                 start, stop = last.get("layers") or (last["layer"], last["layer"] + 1)
                 if entry["layer"] == stop:
                     entries[-1] = {"from": entry["from"], "layers": [start, stop + 1]}
                     continue
             entries.append(entry)
-        data: dict[str, Any] = {"models": dict(models), "layers": entries}
-        if dtype:
-            data["dtype"] = dtype
-        return cls.from_dict(data)
+        if not fitted:
+            return cls.from_dict(data | {"layers": entries})
+        placeholder = {"file": FITTED_FILE, "sha256": "0" * 64}
+        return cls.from_dict(data | {"layers": entries, "tensors": placeholder}).with_fitted(fitted)
+
+    # -- fitted tensors ------------------------------------------------------------------
+    def with_fitted(self, tensors: dict) -> Recipe:
+        """This recipe with ``tensors`` (name -> tensor) as its fitted tensors file."""
+        from tailorkit.checkpoint import fitted
+
+        with tempfile.TemporaryDirectory(prefix="tailorkit-fitted-") as tmp:
+            digest = fitted.digest(tensors, Path(tmp) / FITTED_FILE)
+        file = self.tensors.file if self.tensors else FITTED_FILE
+        out = self.model_copy(update={"tensors": TensorsFile(file=file, sha256=digest)})
+        out._fitted = dict(tensors)
+        return out
+
+    def fitted(self) -> dict:
+        """The fitted tensors the layers name (read from the file, checked, once)."""
+        if self.tensors is None:
+            return {}
+        if self._fitted is None:
+            from tailorkit.checkpoint import fitted
+
+            if self._folder is None:
+                raise RecipeError(
+                    f"tensors: the recipe names {self.tensors.file}, but it was not loaded "
+                    "from a file, so there is no folder to find it in"
+                )
+            self._fitted = fitted.read(
+                self._folder / self.tensors.file, self.tensors.sha256, "tensors"
+            )
+        return self._fitted
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe as YAML to ``path``, and its fitted tensors file beside it."""
+        from tailorkit.checkpoint import fitted
+
+        path = Path(path)
+        if self.tensors is not None:
+            digest = fitted.write(self.fitted(), path.parent / self.tensors.file)
+            if digest != self.tensors.sha256:
+                raise RecipeError(
+                    f"tensors: writing {self.tensors.file} gave sha256 {digest}, not the "
+                    f"recipe's {self.tensors.sha256}"
+                )
+        path.write_text(self.to_yaml())
+        return path
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
+        """The YAML text; with ``path``, also written there (and the fitted tensors beside
+        it, as :meth:`save` does)."""
         text = f"# tailorkit {__version__} recipe\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, default_flow_style=None, width=100
         )
         if path is not None:
-            Path(path).write_text(text)
+            self.save(path)
         return text
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -358,7 +462,9 @@ class Recipe(_Strict):
             # 5,000 digits, AttributeError for `!!timestamp abc`. safe_load builds plain
             # data only, so whatever it raises means the text is not a valid document.
             raise RecipeError(f"{path}: not valid {kind}: {type(e).__name__}: {e}") from None
-        return cls.from_dict(data, where=str(path))
+        recipe = cls.from_dict(data, where=str(path))
+        recipe._folder = path.parent
+        return recipe
 
     def plan(self, dtype: str | None = None):
         """Open the sources and validate against them; returns a ``Plan`` (reads headers only)."""

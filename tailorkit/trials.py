@@ -113,6 +113,7 @@ class RunnerConfig:
     caches: bool = True  # off: every trial runs all its layers and merges (benchmarks)
     offload: bool | str | None = False  # recorded states on disk (see activations.capture)
     progress: bool = False
+    base_name: str = BASE  # the base's name in trial layers (a recipe's base model)
 
 
 class TrialRunner:
@@ -123,9 +124,9 @@ class TrialRunner:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
-        self.sources = {BASE: Source(config.base, BASE)}
+        self.sources = {config.base_name: Source(config.base, config.base_name)}
         self.sources |= {name: Source(ref, name) for name, ref in config.candidates.items()}
-        self.stack = DecoderStack.load(self.sources[BASE], config.dtype, config.device)
+        self.stack = DecoderStack.load(self.base, config.dtype, config.device)
         self.activations = capture(
             self.stack,
             config.windows,
@@ -136,12 +137,13 @@ class TrialRunner:
         self.traces: list[Trace] = self.activations.traces
         parameter = next(self.stack.model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
-        self._identity = tuple(keep(i) for i in range(self.stack.num_layers))
+        self._identity = tuple(keep(i, config.base_name) for i in range(self.stack.num_layers))
         on = int(config.caches)
         self._steps = LRU(LAYER_CACHE_ENTRIES * on)
         self._states = LRU(config.state_cache_bytes * on, lambda t: t.numel() * t.element_size())
         self._scores = LRU(SCORE_CACHE_ENTRIES * on)
         self._references: dict[tuple[str, int], Any] = {}
+        self.fitted: dict[str, torch.Tensor] = {}  # the bridges trial layers may name
         self.stats = RunnerStats()
         if config.objective is not None:
             self.prepare(config.objective)
@@ -167,7 +169,7 @@ class TrialRunner:
     # -- what the base model is ---------------------------------------------------------
     @property
     def base(self) -> Source:
-        return self.sources[BASE]
+        return self.sources[self.config.base_name]
 
     @property
     def num_layers(self) -> int:
@@ -189,7 +191,15 @@ class TrialRunner:
     def recipe(self, layers: Sequence[OutputLayer]) -> Recipe:
         """A trial as a recipe (for objectives that assemble the whole model)."""
         models = {name: source.ref for name, source in self.sources.items()}
-        return Recipe.from_layers(models, layers, str(self.dtype).removeprefix("torch."))
+        fitted = {layer.bridge: self.fitted[layer.bridge] for layer in layers if layer.bridge}
+        return Recipe.from_layers(models, layers, str(self.dtype).removeprefix("torch."), fitted)
+
+    def add_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Bridges that trial layers may name from now on; a name stands for one tensor."""
+        for name, tensor in tensors.items():
+            if name in self.fitted and not torch.equal(self.fitted[name], tensor):
+                raise MethodError(f"fitted tensor {name!r} is already a different tensor")
+            self.fitted[name] = tensor
 
     # -- running a trial ----------------------------------------------------------------
     def step(self, layer: OutputLayer) -> Step:
@@ -197,7 +207,11 @@ class TrialRunner:
         step = self._steps.get(layer)
         if step is None:
             model, depth = layer.first
-            if layer.method == "passthrough" and model == BASE:
+            if (
+                layer.method == "passthrough"
+                and model == self.config.base_name
+                and not layer.bridge
+            ):
                 step = Step(depth)
             else:
                 step = Step(depth, self._parameters(layer))
@@ -206,7 +220,7 @@ class TrialRunner:
         return step
 
     def _parameters(self, layer: OutputLayer) -> dict[str, torch.Tensor]:
-        jobs = layer_jobs(0, layer, self.sources, self.dtype)
+        jobs = layer_jobs(0, layer, self.sources, self.dtype, self.config.base_name, self.fitted)
         params = {}
         for name, _ in self.stack.layers[layer.first[1]].named_parameters():
             if name not in jobs:

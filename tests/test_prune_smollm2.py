@@ -68,3 +68,25 @@ def test_prune_api_default_base_and_calibration(smollm2_path):
     ids = torch.tensor([[1, 504, 3458]])
     with torch.no_grad():
         assert result.model(input_ids=ids).logits.shape == (1, 3, 49152)
+
+
+def test_bridges_lower_the_held_back_error_of_a_real_model(smollm2_path, tmp_path):
+    """ShortGPT's plan for SmolLM2, bridged: every bridge fitted lowers the error on the
+    held-back calibration windows (else it would be dropped), and the checkpoint written
+    carries them and rebuilds to the byte."""
+    result = tk.prune(
+        str(smollm2_path),
+        method="shortgpt",
+        target_ratio=0.25,
+        num_windows=8,
+        seq_len=64,
+        progress=False,
+        bridge=True,
+    )
+    fits = result.report["bridges"]
+    assert [f["removed"] for f in fits] == [[3, 4], [12, 18], [25, 27]]
+    assert all(f["kept"] and f["error"] < 0.95 * f["error_without"] for f in fits)
+    assert fits[1]["error"] < 0.85 * fits[1]["error_without"]  # the six-layer gap gains most
+    out = result.save_pretrained(tmp_path / "bridged", progress=False)
+    again = tk.build(out / "recipe.yaml", tmp_path / "again", progress=False)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

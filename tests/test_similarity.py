@@ -170,3 +170,29 @@ def test_nan_in_activations_names_the_layer(tiny_model_factory):
 def test_heatmap_is_a_png(tmp_path):
     path = plot_heatmap(torch.eye(6, dtype=torch.float64), tmp_path / "cka.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_sinks_are_found_from_the_data_and_left_out():
+    """A token whose hidden state is far larger than the rest at some boundary (an attention
+    sink) is found wherever it is, and the statistics can leave it out: with it, linear CKA
+    sees only the sink; without it, what the other tokens do."""
+    from tailorkit.activations import SINK_FACTOR, Activations
+    from tailorkit.forward import Trace
+
+    g = torch.Generator().manual_seed(9)
+    traces = []
+    for b in range(2):
+        states = [torch.randn(2, 16, 8, generator=g) for _ in range(4)]  # 3 layers
+        for s in states[1:]:
+            s[:, 0] += 3 * SINK_FACTOR  # position 0 of each window, from layer 0's output on
+        states[2][1, 7] *= 2 * SINK_FACTOR  # and one delimiter-like token mid-window
+        traces.append(Trace(torch.zeros(2, 16, dtype=torch.long), states, [{}] * 3))
+    acts = Activations(traces)
+    sinks = [s.view(2, 16) for s in acts.sinks()]
+    for s in sinks:  # both windows' first tokens and the delimiter, nothing else
+        assert s[:, 0].all() and s[1, 7] and int(s.sum()) == 3
+    kept = next(acts.boundaries(skip_sinks=True))
+    assert kept.shape == (4, 32 - 3, 8)
+    assert not torch.isin(kept[2], traces[0].states[2][1, 7]).all(-1).any()
+    with_sinks, without = cka_matrix(acts.outputs()), cka_matrix(acts.outputs(True))
+    assert with_sinks[0, 2] > 0.9 > without[0, 2]  # independent noise, but for the sinks

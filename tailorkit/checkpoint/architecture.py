@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,3 +128,26 @@ def set_path(config: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
+
+
+# The MLP's output projection, into which a bridge T folds: "left" weights are nn.Linear's
+# (hidden, intermediate), W <- T^T W; "right" ones GPT-2's Conv1D (intermediate, hidden),
+# W <- W T. A bias b (either kind) becomes b T.
+MLP_OUTPUTS = (("mlp.down_proj", "left"), ("mlp.c_proj", "right"))
+
+
+def mlp_output(layer_tensors: Iterable[str], where: str) -> tuple[str, str | None, str]:
+    """(weight name, bias name or None, side) of a layer's MLP output projection."""
+    names = set(layer_tensors)
+    if "post_feedforward_layernorm.weight" in names:
+        raise CheckpointError(
+            f"{where}: a norm follows this layer's MLP (Gemma 2/3's post-feedforward norm), "
+            "so a linear bridge cannot be folded into its output projection exactly; "
+            "bridges are for architectures whose MLP output goes straight into the residual"
+        )
+    for prefix, side in MLP_OUTPUTS:
+        if f"{prefix}.weight" in names:
+            bias = f"{prefix}.bias" if f"{prefix}.bias" in names else None
+            return f"{prefix}.weight", bias, side
+    known = ", ".join(f"{p}.weight" for p, _ in MLP_OUTPUTS)
+    raise CheckpointError(f"{where}: no MLP output projection to fold a bridge into ({known})")

@@ -11,6 +11,7 @@ area, and no two spans overlap.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -87,13 +88,14 @@ class Header:
     mtime_ns: int
 
 
-def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of ``path`` without reading tensor data."""
+def read_header(path: str | os.PathLike, data: bytes | None = None) -> Header:
+    """Parse and validate the header of ``path`` without reading tensor data; or, with
+    ``data``, of the whole file already read into memory (its errors still name ``path``)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            size = stat.st_size
+        with open(path, "rb") if data is None else io.BytesIO(data) as f:
+            stat = os.fstat(f.fileno()) if data is None else os.stat_result((0,) * 10)
+            size = stat.st_size if data is None else len(data)
             if size < 8:
                 raise CheckpointError(
                     f"{path}: file is {size} bytes, too short for a safetensors header"

@@ -22,9 +22,10 @@ from tailorkit.trials import TrialRunner, keep
 
 
 class RemovalSettings(Settings):
-    flags = ("target_ratio",)
+    flags = ("target_ratio", "keep_sinks")
 
     target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
+    keep_sinks: bool = Field(False, description=Settings.KEEP_SINKS)
 
 
 @register(
@@ -45,7 +46,7 @@ class RemovalSettings(Settings):
 def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
     budget = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
-    influence = block_influence(ctx.runner.activations.boundaries())
+    influence = block_influence(ctx.runner.activations.boundaries(not settings.keep_sinks))
     dropped = sorted(influence.argsort()[:budget].tolist())
     return _removal(ctx, dropped, block_influence=influence)
 
@@ -68,7 +69,8 @@ def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
 def angular(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
     span = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
-    distance = angular_distance(ctx.runner.activations.boundaries(), span)  # (n - span + 1,)
+    boundaries = ctx.runner.activations.boundaries(not settings.keep_sinks)
+    distance = angular_distance(boundaries, span)  # (n - span + 1,)
     starts = distance[: n - span]  # blocks that end before the last layer
     start = int(starts.argmin())
     return _removal(ctx, list(range(start, start + span)), angular_distance=distance)

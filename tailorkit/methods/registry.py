@@ -31,6 +31,10 @@ class Settings(BaseModel):
     THRESHOLD: ClassVar[str] = (
         "similarity the pruned model's final states must keep (instead of target_ratio)"
     )
+    KEEP_SINKS: ClassVar[str] = (
+        "also count the attention-sink tokens (massive activations), which otherwise "
+        "dominate every similarity pooled over tokens"
+    )
 
 
 @dataclass

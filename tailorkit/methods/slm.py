@@ -6,7 +6,9 @@ one layer down at a time while the model with the window fused into one layer
 stays at least ``threshold``-similar to the original on the calibration
 batch; then the largest window that passed is fused and the next anchor is
 the layer just below it. Similarity is linear CKA of the final hidden states
-(or their mean cosine). Fusion is applied to every tensor of the layers, norms
+(or their mean cosine), without the attention-sink tokens unless ``keep_sinks``: their
+massive activations make linear CKA about ~1 for fusions that hurt (see
+:mod:`tailorkit.activations`). Fusion is applied to every tensor of the layers, norms
 included: ``laco`` (theta_l + sum_k (theta_{l+k} - theta_l)) or ``average``.
 
 With ``target_ratio`` the number of layers to remove is fixed; merging stops
@@ -35,7 +37,7 @@ CITATION = """@article{ding2025slm,
 
 
 class SLMSettings(Settings):
-    flags = ("target_ratio", "threshold", "similarity", "fusion")
+    flags = ("target_ratio", "threshold", "similarity", "fusion", "keep_sinks")
 
     target_ratio: float | None = Field(None, gt=0, lt=1, description=Settings.TARGET_RATIO)
     threshold: float | None = Field(None, description=Settings.THRESHOLD)
@@ -45,6 +47,7 @@ class SLMSettings(Settings):
     fusion: Literal[FUSIONS] = Field(
         "laco", description="how a window's layers become one: LaCo's fold, or their average"
     )
+    keep_sinks: bool = Field(False, description=Settings.KEEP_SINKS)
 
     @model_validator(mode="after")
     def _target(self) -> SLMSettings:
@@ -92,7 +95,7 @@ def slide(runner: TrialRunner, objective: FinalStates, threshold, max_removed: i
 )
 def sliding_layer_merging(ctx: Context, settings: SLMSettings) -> MethodResult:
     runner = ctx.runner
-    objective = FinalStates(settings.similarity)
+    objective = FinalStates(settings.similarity, skip_sinks=not settings.keep_sinks)
     max_removable = runner.num_layers - 2  # one fused layer below the never-merged last layer
     if settings.threshold is not None:
         plan, windows = slide(runner, objective, settings.threshold, max_removable, settings.fusion)
