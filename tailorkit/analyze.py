@@ -32,7 +32,9 @@ def analyze(
     """CKA between all layer outputs, Block Influence per layer, angular distance of
     adjacent boundaries; optionally the CKA heatmap as a PNG. ``device="cuda"`` computes
     the CKA on the GPU. The attention-sink tokens (massive activations, found from the
-    data) are left out of all three unless ``keep_sinks``."""
+    data) are left out of the CKA unless ``keep_sinks``; Block Influence and angular
+    distance count every token, as ShortGPT and the angular method do (the layer that
+    writes the sink shows only on the sink tokens)."""
     device = resolve_device(device)  # fail before the work
     runner = TrialRunner.calibrate(
         model,
@@ -46,8 +48,8 @@ def analyze(
     )
     acts, skip = runner.activations, not keep_sinks
     cka = cka_matrix(acts.outputs(skip), kernel=kernel, device=device)
-    influence = block_influence(acts.boundaries(skip))
-    angular = angular_distance(acts.boundaries(skip), 1)
+    influence = block_influence(acts.boundaries())
+    angular = angular_distance(acts.boundaries(), 1)
     if plot is not None:
         tokens = "all tokens" if keep_sinks else "sink tokens left out"
         title = f"{kernel} CKA of layer outputs, {tokens}: {runner.base.path.name}"

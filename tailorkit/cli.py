@@ -202,7 +202,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_bridge(args: argparse.Namespace) -> int:
     from tailorkit.prune import bridge
 
-    result = bridge(args.recipe_file, **_calibration(args))
+    result = bridge(args.recipe_file, device=args.device, **_calibration(args))
     return _write_result(result, args, args.overwrite, "bridge")
 
 
@@ -380,6 +380,7 @@ def _add_analysis_commands(sub) -> None:
         "had are refitted.",
     )
     br.add_argument("recipe_file", metavar="RECIPE", help="recipe file (.yaml or .json)")
+    br.add_argument("--device", help="run the model and the fit here, e.g. cuda (default: CPU)")
     _output_args(br)
     _calibration_args(br)
     br.set_defaults(func=_cmd_bridge)

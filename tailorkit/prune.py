@@ -18,6 +18,7 @@ from tailorkit.calibration import (
     calibration_windows,
 )
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
+from tailorkit.devices import resolve_device
 from tailorkit.errors import MethodError
 from tailorkit.methods import METHODS, Context, get_method
 from tailorkit.plan import Plan
@@ -117,17 +118,25 @@ def bridge(
     seed: int = 0,
     offload: bool | str | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> PruneResult:
     """``recipe`` (any, a hand-written one too) with a linear bridge after every run of
     removed layers (:mod:`tailorkit.bridges`), fitted on ``calibration`` cut as for
-    :func:`prune`; bridges it had are refitted. Returns a PruneResult to save or push."""
+    :func:`prune`; bridges it had are refitted. ``device="cuda"`` runs the model and the
+    fit on a GPU. Returns a PruneResult to save or push."""
+    resolve_device(device)  # a device that is not there fails before any work
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    plan = recipe.plan()  # the recipe and its models are valid before any work
+    plan = recipe.plan()  # so do the recipe and its models
     windows = calibration_windows(
         plan.base.path, calibration, seq_len=seq_len, num_windows=num_windows, seed=seed
     )
     config = RunnerConfig(
-        plan.base.ref, windows, batch_size=batch_size, offload=offload, progress=progress
+        plan.base.ref,
+        windows,
+        batch_size=batch_size,
+        offload=offload,
+        progress=progress,
+        device=device,
     )
     bridged, extra = _bridged(recipe, None, config)
     report = {"base": plan.base.ref, **_plan_report(bridged.plan(), calibration, windows, seed)}
@@ -143,6 +152,7 @@ def _bridged(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig):
             batch_size=config.batch_size,
             offload=config.offload,
             progress=config.progress,
+            device=config.device,
         )
     bridged, fits = bridges.fit_bridges(runner, recipe, progress=config.progress)
     return bridged, {"bridges": bridges.report(fits)}

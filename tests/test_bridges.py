@@ -21,7 +21,7 @@ from tailorkit.trials import RunnerConfig, TrialRunner
 LAYERS = 6
 # Layer 2 passes through, 3 and 4 are removed, 5 follows: one gap, bridged after layer 2.
 PLAN = [{"from": "base", "layers": [0, 3]}, {"from": "base", "layer": 5}]
-FOLDED = {"llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "phi3": "mlp.down_proj"}
+FOLDED = {arch: "mlp.down_proj" for arch in ("llama", "mistral", "qwen2", "qwen3", "phi3")}
 FOLDED["gpt2"] = "mlp.c_proj"
 
 

@@ -26,6 +26,14 @@ def test_cli_cka_writes_heatmap_and_json(smollm2_path, tmp_path, capsys):
     assert len(report["block_influence"]) == 30
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "most similar adjacent layers" in capsys.readouterr().out
+    # SmolLM2's first position is an attention sink in every window; left out, the middle
+    # layers no longer all look alike (with it, adjacent CKA is 1.000 for layers 11-28).
+    assert report["sinks_left_out"] and report["sink_tokens"] >= 2
+    middle = [report["cka"][i][i + 1] for i in range(11, 28)]
+    assert main(["cka", str(smollm2_path), "--json", str(data), "--keep-sinks", *FAST]) == 0
+    kept = json.loads(data.read_text())
+    assert not kept["sinks_left_out"]
+    assert min(kept["cka"][i][i + 1] for i in range(11, 28)) > 0.999 > min(middle)
 
 
 def test_cli_prune_slm_builds_a_loadable_checkpoint(smollm2_path, tmp_path):

@@ -22,10 +22,10 @@ from tailorkit.trials import TrialRunner, keep
 
 
 class RemovalSettings(Settings):
-    flags = ("target_ratio", "keep_sinks")
+    flags = ("target_ratio", "skip_sinks")
 
     target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
-    keep_sinks: bool = Field(False, description=Settings.KEEP_SINKS)
+    skip_sinks: bool = Field(False, description=Settings.SKIP_SINKS)
 
 
 @register(
@@ -46,7 +46,7 @@ class RemovalSettings(Settings):
 def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
     budget = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
-    influence = block_influence(ctx.runner.activations.boundaries(not settings.keep_sinks))
+    influence = block_influence(ctx.runner.activations.boundaries(settings.skip_sinks))
     dropped = sorted(influence.argsort()[:budget].tolist())
     return _removal(ctx, dropped, block_influence=influence)
 
@@ -69,7 +69,7 @@ def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
 def angular(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
     span = removal_budget(ctx.runner.base, settings.target_ratio, n - 1)
-    boundaries = ctx.runner.activations.boundaries(not settings.keep_sinks)
+    boundaries = ctx.runner.activations.boundaries(settings.skip_sinks)
     distance = angular_distance(boundaries, span)  # (n - span + 1,)
     starts = distance[: n - span]  # blocks that end before the last layer
     start = int(starts.argmin())

@@ -35,7 +35,7 @@ from tailorkit.trials import RunnerConfig, keep
 
 class GPTailorSettings(Settings):
     flags = ("target_ratio", "budget", "popsize", "objective", "executor", "workers")
-    flags += ("device", "resume", "keep_sinks")
+    flags += ("device", "resume", "skip_sinks")
 
     target_ratio: float = Field(gt=0, lt=1, description=Settings.TARGET_RATIO)
     budget: int = Field(120, ge=1, description="candidate evaluations (on the small slice)")
@@ -60,7 +60,7 @@ class GPTailorSettings(Settings):
     state_cache: str | int = Field("1GiB", description="memory for cached prefix states")
     search_dir: Path | None = Field(None, exclude=True, description="the search's log folder")
     resume: bool = Field(False, description="continue the search logged in search_dir")
-    keep_sinks: bool = Field(False, description="count the sink tokens in the start's BI")
+    skip_sinks: bool = Field(False, description=Settings.SKIP_SINKS)
 
     @model_validator(mode="after")
     def _consistent(self) -> GPTailorSettings:
@@ -108,7 +108,7 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
         removal_only=s.removal_only,
         dtype=s.dtype,
     )
-    influence = block_influence(ctx.runner.activations.boundaries(not s.keep_sinks))
+    influence = block_influence(ctx.runner.activations.boundaries(s.skip_sinks))
     if s.start is None:
         x0 = space.initial(influence.tolist())
     else:

@@ -33,7 +33,11 @@ class Settings(BaseModel):
     )
     KEEP_SINKS: ClassVar[str] = (
         "also count the attention-sink tokens (massive activations), which otherwise "
-        "dominate every similarity pooled over tokens"
+        "dominate a similarity pooled over tokens such as CKA"
+    )
+    SKIP_SINKS: ClassVar[str] = (
+        "leave the attention-sink tokens out of Block Influence / angular distance (off by "
+        "default: the layer that writes the sink shows only on the sink tokens)"
     )
 
 
