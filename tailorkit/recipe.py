@@ -391,7 +391,9 @@ class Recipe(_Strict):
 
         path = Path(path)
         if self.tensors is not None:
-            digest = fitted.write(self.fitted(), path.parent / self.tensors.file)
+            target = path.parent / self.tensors.file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = fitted.write(self.fitted(), target)
             if digest != self.tensors.sha256:
                 raise RecipeError(
                     f"tensors: writing {self.tensors.file} gave sha256 {digest}, not the "

@@ -2,7 +2,8 @@
 
 On any machine: the lane pipeline itself (run with device="cpu": same chunking,
 threads, reads and positional writes, without the copies) must write exactly
-the bytes the plain CPU build writes, for every merge method, odd chunk sizes
+the bytes the plain CPU build writes, for every merge method (and a bridge folded
+into a merge), odd chunk sizes
 and several shards; failures must surface as the CPU path's errors; asking for
 CUDA where there is none must say why.
 
@@ -48,6 +49,7 @@ def _all_methods(family, dtype: str | None) -> tk.Recipe:
                     {"from": "base", "layer": 1, "weight": 0.3},
                     {"from": "a", "layer": 1, "weight": 0.7},
                 ],
+                "bridge": "b1",  # folded into the merged MLP output projection
             },
             {
                 "merge": "task_arithmetic",
@@ -78,7 +80,9 @@ def _all_methods(family, dtype: str | None) -> tk.Recipe:
     }
     if dtype:
         recipe["dtype"] = dtype
-    return tk.Recipe.from_dict(recipe)
+    recipe["tensors"] = {"file": "recipe.safetensors", "sha256": "0" * 64}
+    bridge = torch.eye(64) + 0.01 * torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    return tk.Recipe.from_dict(recipe).with_fitted({"b1": bridge})
 
 
 def _weight_files(directory: Path) -> dict[str, bytes]:
