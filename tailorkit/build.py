@@ -81,6 +81,7 @@ def build(
     for name in (*(extra_files or {}), *(extra_texts or {})):
         _plain_name(name)  # before hours of writing, not after
     out_dir = Path(out_dir)
+    _check_output(out_dir, plan)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
             _write_weights(plan, tmp, max_bytes, progress, streamer)
@@ -94,6 +95,25 @@ def build(
             _write_text(tmp / _plain_name(name), text)
     log.info("built %s: %s", out_dir, plan.summary())
     return out_dir
+
+
+def _check_output(out_dir: Path, plan: Plan) -> None:
+    """The output may not be, contain or lie inside a model the build reads, nor be or
+    contain the recipe's own folder: replacing it would destroy what it is built from."""
+    out = out_dir.resolve()
+    for name, source in plan.sources.items():
+        folder = source.path.resolve()
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise TailorkitError(
+                f"{out_dir}: is, contains or lies inside {folder}, model {name!r} of the "
+                "recipe, which the build reads; write the output somewhere else"
+            )
+    folder = plan.recipe.folder.resolve() if plan.recipe.folder else None
+    if folder is not None and (out == folder or out in folder.parents):
+        raise TailorkitError(
+            f"{out_dir}: is or contains {folder}, the recipe's own folder; write the output "
+            "somewhere else"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -356,6 +356,11 @@ class Recipe(_Strict):
         placeholder = {"file": FITTED_FILE, "sha256": "0" * 64}
         return cls.from_dict(data | {"layers": entries, "tensors": placeholder}).with_fitted(fitted)
 
+    @property
+    def folder(self) -> Path | None:
+        """The folder the recipe was loaded from (its tensors file is there), if any."""
+        return self._folder
+
     # -- fitted tensors ------------------------------------------------------------------
     def with_fitted(self, tensors: dict) -> Recipe:
         """This recipe with ``tensors`` (name -> tensor) as its fitted tensors file."""

@@ -177,6 +177,9 @@ def test_cli_prune_bridge_and_bridge_command(tiny_model_factory, tokens, tmp_pat
     # without --out or --recipe there is nowhere to put the tensors
     assert main([*args, "--bridge", *calib]) == 2
     assert "fitted tensors" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a device that is not there: refused before any work
+        assert main(["bridge", str(recipe), "--device", "cuda", *calib]) == 2
+        assert "cuda" in capsys.readouterr().err
 
 
 def test_gptailor_plans_are_bridged_on_their_own_candidates(family, tokens):

@@ -328,12 +328,13 @@ def test_existing_output_needs_overwrite_and_stale_temp_dirs_are_cleaned(family,
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(tk.TailorkitError, match="already exists"):
         tk.build(recipe, tmp_path / "out", progress=False)
-    assert (tmp_path / "out" / "keep.txt").exists()
-    tk.build(recipe, tmp_path / "out", overwrite=True, progress=False)
-    assert (
-        not (tmp_path / "out" / "keep.txt").exists()
-        and (tmp_path / "out" / "model.safetensors").exists()
-    )
+    with pytest.raises(tk.TailorkitError, match="tailorkit did not build"):
+        tk.build(recipe, tmp_path / "out", overwrite=True, progress=False)  # not ours to delete
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    tk.build(recipe, tmp_path / "out", progress=False)  # an empty folder holds nothing to lose
+    tk.build(recipe, tmp_path / "out", overwrite=True, progress=False)  # a previous build
+    assert (tmp_path / "out" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -13,7 +13,9 @@ at the target path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -199,30 +201,105 @@ def _copy_range_read(
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds.
+
+    One writer per target: an advisory lock beside it makes a second writer fail, naming
+    the first. ``overwrite`` replaces only what a tailorkit build wrote (see
+    :func:`is_tailorkit_output`); a user's folder or file is never deleted. The result
+    follows the umask (a temporary directory is created private).
+    """
     target = Path(target).absolute()
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise TailorkitError(
-            f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)"
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in clean_stale(target):
-        log.warning("removed %s, left by a build of %s that was killed", stale, target)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent)
-    )
+    with _writer_lock(target):
+        if target.exists() or target.is_symlink():
+            _may_replace(target, overwrite)
+        for stale in clean_stale(target):
+            log.warning("removed %s, left by a build of %s that was killed", stale, target)
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent)
+        )
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            yield tmp
+            if target.exists():
+                trash = tmp.with_name(tmp.name + "-old")
+                os.rename(target, trash)
+                os.rename(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def is_tailorkit_output(folder: Path) -> bool:
+    """Whether ``folder`` is what a tailorkit build wrote (its recipe.yaml, with the header
+    line tailorkit writes, and config.json), or a search log that a prune writes first."""
+    recipe = folder / "recipe.yaml"
+    if recipe.is_file() and (folder / "config.json").is_file():
+        with open(recipe, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        return first.startswith("# tailorkit ") and first.rstrip().endswith(" recipe")
+    entries = list(folder.iterdir())
+    return [p.name for p in entries] == ["search"] and (
+        folder / "search" / "search.jsonl"
+    ).is_file()
+
+
+def _may_replace(target: Path, overwrite: bool) -> None:
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return  # an empty folder holds nothing to lose
+    if not overwrite:
+        raise TailorkitError(
+            f"{target}: already exists and is not empty (pass overwrite=True / --overwrite "
+            "to replace a previous tailorkit build)"
+        )
+    if target.is_symlink() or not target.is_dir() or not is_tailorkit_output(target):
+        what = "a symlink" if target.is_symlink() else "a folder" if target.is_dir() else "a file"
+        raise TailorkitError(
+            f"{target}: is {what} tailorkit did not build (no recipe.yaml written by tailorkit "
+            "beside a config.json); --overwrite replaces only a previous tailorkit build, so "
+            "nothing was touched. Choose another output path, or move it away yourself"
+        )
+
+
+@contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """Hold the advisory lock of ``target`` (a file beside it) while writing it."""
+    lock = target.parent / f".{target.name}.tailorkit-lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise TailorkitError(
+                f"{target}: {holder} is writing it now (lock {lock.name}); wait for it to "
+                "finish, or write elsewhere"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False  # the last holder removed it as we opened it: take a fresh one
+        if same:
+            break
+        os.close(fd)
     try:
-        yield tmp
-        if target.exists():
-            trash = tmp.with_name(tmp.name + "-old")
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"tailorkit process {os.getpid()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def clean_stale(target: Path) -> list[Path]:
