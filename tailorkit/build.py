@@ -199,7 +199,12 @@ def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
         writer.copy(job.name, info.file, info.start)
         return
     at = done = 0
-    for chunk in job.chunks():
+    chunks = job.chunks()
+    while True:
+        job.check_unchanged()  # before each chunk's mapped reads
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
         at += writer.write(job.name, chunk, at)
         # Drop the mapped source pages behind this chunk: with a tensor of gigabytes,
         # resident memory stays near one chunk per source, not the whole tensor.

@@ -10,6 +10,7 @@ Sonnets and Julius Caesar, Milton's Areopagitica; see
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,9 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_NUM_WINDOWS = 16
 DEFAULT_BATCH_SIZE = 8  # windows per forward pass
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+MAX_CONTROL_SHARE = 0.05  # of the characters: more, and it is a binary file read as text
+MIN_DISTINCT_TOKENS = 8
+CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")  # Unicode Cc, bar tab, newlines, FF
 
 CalibrationSource = str | Path | Sequence[str] | None
 
@@ -117,11 +121,16 @@ def token_windows(
     if seq_len < 2:
         raise CalibrationError(f"seq_len must be at least 2 tokens, got {seq_len}")
     ids: list[int] = []
-    for text in load_texts(source):
+    for text in _natural(load_texts(source)):
         for piece in text_pieces(text):
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+    if len(set(ids)) < MIN_DISTINCT_TOKENS:
+        raise CalibrationError(
+            f"calibration text has {len(set(ids))} distinct tokens in {len(ids)}: it is not text "
+            "a model can be calibrated on (a binary file, or one character repeated?)"
+        )
     available = len(ids) // seq_len
     if available == 0:
         raise CalibrationError(
@@ -138,6 +147,19 @@ def token_windows(
         )
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     return windows[order[:num_windows].sort().values]
+
+
+def _natural(texts: list[str]) -> list[str]:
+    """``texts``, unless control characters (other than newlines and tabs) are a large share
+    of them: a binary file read as text, which no method should calibrate on."""
+    total = sum(len(t) for t in texts)
+    control = sum(len(CONTROL.findall(t)) for t in texts)
+    if total and control > MAX_CONTROL_SHARE * total:
+        raise CalibrationError(
+            f"calibration text is {control / total:.0%} control characters (NUL, ...): a binary "
+            "file, not text; give text files"
+        )
+    return texts
 
 
 def calibration_windows(

@@ -52,6 +52,17 @@ def _hub_id(ref: str) -> str | None:
     return repo_id if _REPO_ID.match(repo_id) and ".." not in repo_id else None
 
 
+def _lineage(ref: str) -> str | None:
+    """The Hub repo a model's weights come from: its own id, or a built-in model's origin
+    (the Hub's model tree then links it; the card says the weights were dequantised)."""
+    if builtin.is_builtin(ref):
+        try:
+            return builtin.get_builtin(ref).hub_id
+        except CheckpointError:
+            return None
+    return _hub_id(ref)
+
+
 def _describe_ref(ref: str) -> str:
     hub = _hub_id(ref)
     if hub:
@@ -61,7 +72,10 @@ def _describe_ref(ref: str) -> str:
     if builtin.is_builtin(ref):
         try:
             spec = builtin.get_builtin(ref)
-            return f"`{ref}`: tailorkit's built-in {spec.description}"
+            origin = (
+                f" ([{spec.hub_id}](https://huggingface.co/{spec.hub_id}))" if spec.hub_id else ""
+            )
+            return f"`{ref}`: tailorkit's built-in {spec.description}{origin}"
         except CheckpointError:
             return f"`{ref}` (a tailorkit built-in model)"
     # A local directory: its name only, never the full path of someone's disk.
@@ -308,7 +322,7 @@ def make_model_card(
     plan = plan if isinstance(plan, Plan) else plan.plan()
     recipe = plan.recipe
     used = _used_models(plan)
-    hub_ids = list(dict.fromkeys(h for h in (_hub_id(recipe.models[n]) for n in used) if h))
+    hub_ids = list(dict.fromkeys(h for h in (_lineage(recipe.models[n]) for n in used) if h))
     key = method.strip().lower() if method else None
     tags = list(TAGS)
     if key:

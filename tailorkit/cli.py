@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -116,19 +117,19 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=_at_least(2),
         default=c.DEFAULT_SEQ_LEN,
         help="tokens per window (default %(default)s)",
     )
     p.add_argument(
         "--num-windows",
-        type=int,
+        type=_at_least(1),
         default=c.DEFAULT_NUM_WINDOWS,
         help="windows drawn (default %(default)s)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_at_least(1),
         default=c.DEFAULT_BATCH_SIZE,
         help="windows per forward (default %(default)s)",
     )
@@ -157,6 +158,32 @@ def _calibration(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names} | {"progress": not args.quiet}
 
 
+def _at_least(low: int):
+    """An argparse type: an integer no smaller than ``low`` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _writable(option: str, path: str | None) -> None:
+    """Fail now, naming ``option``, if ``path`` cannot be written: not after the work."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise TailorkitError(f"{option} {path}: the folder {folder} does not exist")
+    if Path(path).is_dir() or not os.access(folder, os.W_OK):
+        raise TailorkitError(f"{option} {path}: cannot write a file there")
+
+
 def _setting(text: str) -> tuple[str, object]:
     import yaml
 
@@ -170,6 +197,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from tailorkit.methods import METHODS
     from tailorkit.prune import prune
 
+    _writable("--recipe", args.recipe)
     spec = METHODS[args.method]
     settings = dict(args.set or [])
     for name in _method_flags():
@@ -204,6 +232,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_bridge(args: argparse.Namespace) -> int:
     from tailorkit.prune import bridge
 
+    _writable("--recipe", args.recipe)
     result = bridge(args.recipe_file, device=args.device, **_calibration(args))
     return _write_result(result, args, args.overwrite, "bridge")
 
@@ -245,6 +274,8 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
 def _cmd_cka(args: argparse.Namespace) -> int:
     from tailorkit.analyze import analyze
 
+    _writable("--plot", args.plot)
+    _writable("--json", args.json)
     report = analyze(
         args.model,
         kernel=args.kernel,
@@ -405,6 +436,7 @@ def _add_analysis_commands(sub) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tailorkit.eval import evaluate
 
+    _writable("--json", args.json)
     tasks = args.tasks
     if not args.ppl and not tasks:
         tasks = "tk_next_line"
@@ -462,13 +494,17 @@ def _add_publish_commands(sub) -> None:
         "tk_next_line_prose,tk_next_line_verse,tk_next_line_code); default without --ppl: "
         "tk_next_line",
     )
-    e.add_argument("--limit", type=int, help="at most N documents per task")
+    e.add_argument("--limit", type=_at_least(1), help="at most N documents per task")
     e.add_argument("--compare", metavar="BASE", help="also evaluate the dense model BASE")
     e.add_argument("--json", metavar="OUT", help="write the results here (JSON)")
     e.add_argument(
-        "--context-length", type=int, help="perplexity window (default: model's, at most 2048)"
+        "--context-length",
+        type=_at_least(2),
+        help="perplexity window (default: model's, at most 2048)",
     )
-    e.add_argument("--stride", type=int, help="perplexity window step (default: half the window)")
+    e.add_argument(
+        "--stride", type=_at_least(1), help="perplexity window step (default: half the window)"
+    )
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     e.add_argument(
         "--dtype",
@@ -476,7 +512,9 @@ def _add_publish_commands(sub) -> None:
         choices=["auto", *DTYPES],
         help="compute dtype (default: the checkpoint's)",
     )
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    e.add_argument(
+        "--batch-size", type=_at_least(1), default=8, help="sequences per forward (default 8)"
+    )
     e.add_argument("--tokenizer", help="tokenizer directory or reference (default: the model's)")
     e.add_argument(
         "--task-path",
@@ -544,7 +582,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("model", help="built checkpoint directory, recipe file, or model reference")
     g.add_argument("prompt", nargs="?", default="The capital of France is")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=_at_least(1), default=40)
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
     )

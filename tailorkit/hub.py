@@ -103,6 +103,27 @@ def resolve_token(token: str | None = None) -> str:
     )
 
 
+def _uploads_over_xet() -> bool:
+    """What huggingface_hub decides by itself: Xet when hf_xet is installed and not disabled."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
+
+
+def _remove_new_repo(api, repo_id: str, secret: str) -> str:
+    """Delete the repo this push created before it failed: a failed push leaves nothing."""
+    try:
+        api.delete_repo(repo_id, repo_type="model")
+    except Exception as e:
+        return (
+            f"The repo {repo_id} was created for this push and is still there, empty; deleting "
+            f"it failed too ({type(e).__name__}: {_scrub(str(e), secret)}): delete it by hand."
+        )
+    return f"Nothing was committed, and the repo {repo_id}, created for this push, was deleted."
+
+
 def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
@@ -132,14 +153,18 @@ def push_folder(
     secret = resolve_token(token)
     api = HfApi(token=secret)
     message = commit_message or f"Upload {folder.name} (built with tailorkit)"
-    failure: HubError | None = None
+    failure: str | None = None
+    created = uploading = False
+    full_id = repo_id
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        full_id = url.repo_id or repo_id
+        existed = api.repo_exists(repo_id, repo_type="model")
+        full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id or repo_id
+        created = not existed
         if revision and revision != "main" and not revision.startswith("refs/pr/"):
             api.create_branch(full_id, branch=revision, exist_ok=True)
         # create_commit, not upload_folder: with hf_xet installed, upload_folder may split
         # a large folder into several commits; this is always exactly one.
+        uploading = True
         info = api.create_commit(
             repo_id=full_id,
             operations=[
@@ -158,19 +183,24 @@ def push_folder(
             404: "the repo or revision was not found",
         }.get(status, "")
         detail = _scrub(str(e).split("\n")[0], secret)
-        failure = HubError(
-            f"pushing {folder} to {repo_id} failed: {detail}" + (f" ({hint})" if hint else "")
-        )
+        failure = detail + (f" ({hint})" if hint else "")
     except Exception as e:
         # The transport's own errors (requests, httpx or httpx2, by huggingface_hub version:
-        # a refused connection, a timeout, a bad endpoint) share no base class with OSError.
-        failure = HubError(
-            f"pushing {folder} to {repo_id} failed: {type(e).__name__}: {_scrub(str(e), secret)}"
-        )
+        # a refused connection, a timeout, a bad endpoint) share no base class with OSError;
+        # hf_xet raises its own.
+        failure = f"{type(e).__name__}: {_scrub(str(e), secret)}"
     if failure is not None:
+        if uploading and _uploads_over_xet():
+            failure += (
+                ". The files went over Xet (hf_xet is installed, huggingface_hub's default); "
+                "if this endpoint or a proxy on the way does not speak Xet, set "
+                "HF_HUB_DISABLE_XET=1 to upload over plain LFS."
+            )
+        if created:
+            failure += " " + _remove_new_repo(api, full_id, secret)
         # Raised outside the handler: the original error, which may quote the token back
         # from the server, is not kept even as __context__.
-        raise failure
+        raise HubError(f"pushing {folder} to {repo_id} failed: {failure}")
     result = info.pr_url if create_pr and info.pr_url else info.commit_url
     log.info("pushed %s to %s: %s", folder, full_id, result)
     return str(result)

@@ -112,6 +112,12 @@ class TensorJob:
             self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
         )
 
+    def check_unchanged(self) -> None:
+        """Fail if a shard this job reads changed on disk: a mapped read past the end of a
+        file another process truncated would kill the process (SIGBUS), not raise."""
+        for i in self.all_inputs():
+            i.source.check_unchanged(i.info.file)
+
     def release(self, start: int = 0, end: int | None = None) -> None:
         """Drop the mapped source pages behind output elements [start, end) (all by default)."""
         for i in self.all_inputs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.devices import resolve_device
 from tailorkit.errors import MethodError
 from tailorkit.methods import METHODS, Context, get_method
+from tailorkit.methods.registry import MethodResult, MethodSpec, Settings
 from tailorkit.plan import Plan
 from tailorkit.recipe import Recipe
 from tailorkit.result import PruneResult
@@ -78,8 +80,27 @@ def prune(
         progress=progress,
         state_cache_bytes=0,  # single-model trials share no prefix beyond the recorded one
     )
-    work_dir = Path(tempfile.mkdtemp(prefix="tailorkit-prune-"))
-    ctx = Context(runner, work_dir, list(candidates or []), seed)
+    # Figures and the search log live here as long as the result does (then it is removed).
+    scratch = tempfile.TemporaryDirectory(prefix="tailorkit-prune-")
+    try:
+        result, report = _run(
+            spec,
+            checked,
+            Context(runner, Path(scratch.name), list(candidates or []), seed),
+            bridge,
+            calibration,
+        )
+    except BaseException:
+        scratch.cleanup()
+        raise
+    return PruneResult(result.recipe, report, result.images, files=result.files, scratch=scratch)
+
+
+def _run(
+    spec: MethodSpec, checked: Settings, ctx: Context, bridge: bool, calibration: Any
+) -> tuple[MethodResult, dict[str, Any]]:
+    """The method, its bridges and the report: what :func:`prune` does once calibrated."""
+    runner, base = ctx.runner, ctx.base
     result = spec.run(ctx, checked)
     recipe, extra = result.recipe, {}
     if bridge:
@@ -88,14 +109,14 @@ def prune(
 
     cka = cka_matrix(runner.activations.outputs(skip_sinks=True))
     title = f"linear CKA of layer outputs, sink tokens left out: {runner.base.path.name}"
-    heatmap = plot_heatmap(cka, work_dir / "cka.png", title)
+    heatmap = plot_heatmap(cka, ctx.work_dir / "cka.png", title)
     plan = recipe.plan()
     report = {
-        "method": method,
+        "method": spec.name,
         **result.report,
         "settings": {**checked.model_dump(mode="json"), **result.report.get("settings", {})},
         "base": base,
-        **_plan_report(plan, calibration, runner.config.windows, seed),
+        **_plan_report(plan, calibration, runner.config.windows, ctx.seed),
         "sinks": _sinks(runner),
         "cka": [[round(float(x), 5) for x in row] for row in cka],
         **extra,
@@ -104,8 +125,8 @@ def prune(
         "CKA between layer outputs on the calibration text (attention sinks left out)": heatmap,
         **result.images,
     }
-    log.info("%s: %s", method, plan.summary())
-    return PruneResult(recipe, report, images, files=result.files)
+    log.info("%s: %s", spec.name, plan.summary())
+    return replace(result, recipe=recipe, images=images), report
 
 
 def bridge(

@@ -24,6 +24,7 @@ class PruneResult:
     evaluation: dict[str, Any] | None = None  # set by tailorkit.evaluate(..., compare=...)
     command: str | None = None  # the CLI line that produced it, for the model card
     files: dict[str, Path] = field(default_factory=dict)  # shipped too (e.g. the search log)
+    scratch: Any = field(default=None, repr=False)  # a TemporaryDirectory the files live in
 
     @cached_property
     def plan(self):

@@ -59,8 +59,11 @@ def test_too_little_text_is_a_clear_error():
         tk.TailorkitError, match="too short: 11 tokens, fewer than one window of 64"
     ):
         token_windows(tok, ["short text"], seq_len=64)
+    alphabet = "".join(chr(65 + i % 26) for i in range(30))
     with pytest.raises(tk.TailorkitError, match="gives 3 windows of 10 tokens, 8 were asked"):
-        token_windows(tok, ["x" * 30], seq_len=10, num_windows=8)
+        token_windows(tok, [alphabet], seq_len=10, num_windows=8)
+    with pytest.raises(tk.TailorkitError, match="has 2 distinct tokens in 301: it is not text"):
+        token_windows(tok, ["x" * 300], seq_len=10)  # "x" and the end-of-text token
 
 
 def test_hub_dataset_needs_the_network_and_says_so(monkeypatch):

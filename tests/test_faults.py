@@ -359,3 +359,51 @@ def test_shard_changed_while_the_build_reads_it_is_refused(own_copy, tmp_path, m
         tk.build(plan, tmp_path / "out", progress=False)
     assert len(calls) > 1  # the build went on reading, then refused to publish the result
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path, tmp_path / "out") == []
+
+
+# Runs the real CLI with small merge chunks; after the first chunk of merged data is written,
+# the fine-tune's shard is cut in half, as another process truncating it would.
+TRUNCATE_CHILD = textwrap.dedent(
+    """
+    import importlib, os, sys
+    from pathlib import Path
+    from tailorkit.cli import main
+
+    plan = importlib.import_module("tailorkit.plan")
+    writer = importlib.import_module("tailorkit.checkpoint.writer")
+    victim = Path(sys.argv[1])
+    real_chunks, real_write, done = plan.merge_chunks, writer.ShardWriter.write, []
+
+    def small_chunks(*args, **kwargs):
+        return real_chunks(*args, **{**kwargs, "chunk_elements": 512})
+
+    def write_then_truncate(self, name, data, at=0):
+        n = real_write(self, name, data, at)
+        if not done:
+            done.append(name)
+            os.truncate(victim, victim.stat().st_size // 2)
+        return n
+
+    plan.merge_chunks = small_chunks
+    writer.ShardWriter.write = write_then_truncate
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_a_shard_truncated_mid_merge_is_an_error_not_a_crash(own_copy, tmp_path):
+    """Reading a mapped file past the end another process cut off kills the reader with
+    SIGBUS; the build checks the sizes of a merge's shards before each chunk instead."""
+    base, ft = own_copy
+    recipe = _write_recipe(tmp_path / "recipe.yaml", _recipe(base, ft))
+    out = tmp_path / "out"
+    args = [str(ft / "model.safetensors"), "build", str(recipe), str(out), "-q"]
+    done = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]  # not -SIGBUS
+    assert "changed on disk" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and _leftovers(tmp_path, out) == []

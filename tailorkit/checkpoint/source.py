@@ -144,9 +144,11 @@ class Source:
         lo -= lo % mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    def check_unchanged(self) -> None:
-        """Fail if a shard changed on disk since its header was validated."""
+    def check_unchanged(self, file: Path | None = None) -> None:
+        """Fail if a shard (``file``, or any) changed on disk since its header was validated."""
         for header in self.headers:
+            if file is not None and header.path != file:
+                continue
             try:
                 st = os.stat(header.path)
             except OSError as e:
@@ -199,7 +201,7 @@ def _read_headers(path: Path) -> list[Header]:
             f"{path}: holds only pickle checkpoints ({', '.join(pickles[:3])}); tailorkit reads "
             "safetensors only, because unpickling a file from a stranger can run code. Convert it "
             "first, e.g. load with torch.load(..., weights_only=True) and save with "
-            "safetensors.torch.save_file, or `tailorkit convert` where available."
+            "safetensors.torch.save_file, on a machine where you trust the file."
         )
     raise CheckpointError(
         f"{path}: no model.safetensors, {INDEX_FILE} or single *.safetensors file"

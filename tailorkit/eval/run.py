@@ -29,7 +29,9 @@ class LoadedModel:
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """Raise CheckpointError unless ``path`` holds config.json and safetensors weights."""
+    """Raise CheckpointError unless ``path`` holds config.json and safetensors weights whose
+    headers pass tailorkit's strict reader (a truncated shard is refused here, not met as a
+    traceback inside transformers)."""
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path}: not a model checkpoint (no config.json); give a directory written by "
@@ -46,6 +48,9 @@ def check_checkpoint_dir(path: Path) -> None:
             else "no model.safetensors or model.safetensors.index.json"
         )
         raise CheckpointError(f"{path}: not a model checkpoint: {why}")
+    from tailorkit.checkpoint.source import Source
+
+    Source(str(path))  # every shard through the strict header parser: truncation is an error
 
 
 def _dtype(dtype: str | torch.dtype | None):
