@@ -7,7 +7,7 @@ is reproducible and any failure can be replayed with ``--replay TARGET:I``.  Unl
 hypothesis, it does not stop at the first failure: it counts every failing input and
 prints one example per distinct failure.
 
-    python benchmarks/fuzz.py                     # 20,000 inputs per target
+    python benchmarks/fuzz.py                     # 100,000 inputs per target
     python benchmarks/fuzz.py --inputs 2000       # a quick look
     python benchmarks/fuzz.py --replay recipe:1573
 
@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import fuzzing  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 def _signature(e: BaseException) -> str:
@@ -60,7 +61,7 @@ def run_target(target: str, count: int, scratch: Path, verbose: bool) -> dict:
     failures: dict[str, dict] = {}
     start = time.perf_counter()
     slowest = (0.0, -1)
-    for i in range(count):
+    for i in tqdm(range(count), desc=target, mininterval=10, file=sys.stderr):
         args = _input(target, i)  # a mutator bug is the harness's: let it raise
         t0 = time.perf_counter()
         try:
@@ -90,7 +91,7 @@ def run_target(target: str, count: int, scratch: Path, verbose: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--inputs", type=int, default=20_000, help="inputs per target")
+    p.add_argument("--inputs", type=int, default=100_000, help="inputs per target")
     p.add_argument("--targets", default="safetensors,recipe")
     p.add_argument("--replay", help="TARGET:I: run one input and show its traceback")
     p.add_argument("--json", default="benchmarks/results/fuzz.json")
