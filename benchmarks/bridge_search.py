@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             tuple(candidates),
             source.num_layers,
             removal_budget(source, ratio, source.num_layers - 1),
+            removal_only=args.removal_only,
             dtype="float32",
         )
         settings = SearchSettings(args.budget, args.popsize, 0.5, 0, fidelity, 2)

@@ -6,6 +6,7 @@ tk.build(recipe, "out/")          # stream a Hugging Face checkpoint to disk
 model = tk.assemble(recipe)       # or get the transformers model in memory
 result = tk.prune(method="slm", target_ratio=0.25)   # or let a method choose the plan
 result.save_pretrained("out-slm/")
+healed = tk.heal(result, steps=200)  # distil the dense model back in
 """
 
 from tailorkit.analyze import analyze
@@ -14,6 +15,7 @@ from tailorkit.build import build
 from tailorkit.checkpoint.builtin import DEFAULT_MODEL
 from tailorkit.errors import CheckpointError, MergeError, RecipeError, TailorkitError
 from tailorkit.eval import Evaluation, evaluate
+from tailorkit.heal import HealResult, heal
 from tailorkit.plan import Plan
 from tailorkit.prune import bridge, prune
 from tailorkit.recipe import Recipe
@@ -24,6 +26,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "CheckpointError",
     "Evaluation",
+    "HealResult",
     "MergeError",
     "Plan",
     "PruneResult",
@@ -36,5 +39,6 @@ __all__ = [
     "bridge",
     "build",
     "evaluate",
+    "heal",
     "prune",
 ]

@@ -10,6 +10,7 @@ Sonnets and Julius Caesar, Milton's Areopagitica; see
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -37,7 +38,8 @@ def default_texts() -> list[str]:
 
 
 def load_texts(source: CalibrationSource = None) -> list[str]:
-    """Texts from: None (the bundled default), a list of strings, a text file, a folder of
+    """Texts from: None (the bundled default), a list of strings, a text file, a JSONL file
+    (one object per line, its ``text`` field), a folder of
     text files (read recursively, in name order), or ``hf:DATASET[:SPLIT[:COLUMN]]`` (a
     Hub dataset; needs the ``datasets`` package and the network)."""
     if source is None:
@@ -50,6 +52,8 @@ def load_texts(source: CalibrationSource = None) -> list[str]:
     if text.startswith("hf:"):
         return _hub_dataset(text[3:])
     path = Path(text)
+    if path.is_file() and path.suffix == ".jsonl":
+        return _jsonl(path)
     if path.is_file():
         return [_read(path)]
     if path.is_dir():
@@ -72,6 +76,27 @@ def _read(path: Path) -> str:
         raise CalibrationError(f"calibration file {path} is not UTF-8 text: {e}") from e
 
 
+def _jsonl(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise CalibrationError(
+                f'{path}, line {number}: no string field "text" (each line of a JSONL file '
+                'is an object like {"text": "..."})'
+            )
+        texts.append(text)
+    if not texts:
+        raise CalibrationError(f"{path}: no lines of text")
+    return texts
+
+
 def _hub_dataset(spec: str) -> list[str]:
     name, _, rest = spec.partition(":")
     split, _, column = rest.partition(":")
@@ -82,7 +107,13 @@ def _hub_dataset(spec: str) -> list[str]:
             f"calibration hf:{spec} needs the `datasets` package: pip install datasets"
         ) from e
     try:
-        data = datasets.load_dataset(name, split=split or "train")
+        saved = Path(name)
+        if (saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file():
+            data = datasets.load_from_disk(str(saved))  # a folder written by save_to_disk
+            if isinstance(data, datasets.DatasetDict):
+                data = data[split or "train"]
+        else:
+            data = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 -- network, auth, unknown name: all the user's to fix
         raise CalibrationError(f"calibration hf:{spec}: could not load the dataset: {e}") from e
     column = column or "text"

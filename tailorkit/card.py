@@ -308,6 +308,7 @@ def make_model_card(
     command: str | None = None,
     license: str | None = None,
     title: str | None = None,
+    healing: dict | None = None,
 ) -> ModelCard:
     """The model card of a tailored model (``card.content`` is the README.md text).
 
@@ -352,6 +353,11 @@ def make_model_card(
         "`recipe.yaml`. It is a standard transformers checkpoint: "
         "`AutoModelForCausalLM.from_pretrained` loads it, no tailorkit needed."
     )
+    if healing:
+        body.append(
+            "**Its weights were trained after the recipe** (`tailorkit heal`, below): the "
+            "recipe alone rebuilds the pruned model before healing, not these weights."
+        )
     body.append("## Method")
     if key in METHODS:
         body.append(f"**{METHODS[key].label}.** {METHODS[key].description}")
@@ -381,6 +387,9 @@ def make_model_card(
     if bridged:
         body.append("## Bridges")
         body.append(_bridges(plan, (report or {}).get("bridges")))
+    if healing:
+        body.append("## Healing")
+        body.append(healing_section(healing))
     if images:
         body.append("## Figures")
         body.append(_images(images))
@@ -409,6 +418,11 @@ def make_model_card(
             f"Model(s) {', '.join(f'`{n}`' for n in local)} are local checkpoints: a rebuild "
             "needs them at the paths the recipe names (or edit `models:` to point at copies)."
         )
+    if healing:
+        body.append(
+            "The recipe rebuilds the model as it was before healing; `heal.json` "
+            "holds the healing run's settings and history."
+        )
     if command:
         body.append(f"Made with:\n\n```bash\n{command}\n```\n\nRebuild from the recipe with:")
     else:
@@ -422,3 +436,71 @@ def make_model_card(
     )
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n"
     return ModelCard(content)
+
+
+def healing_section(report: dict) -> str:
+    """What a healing run did: teacher, data, what trained, tokens, perplexity before and
+    after on held-back windows."""
+    held = report["held_back"]
+    settings = report["settings"]
+    rows = [
+        ("teacher", f"`{report['teacher']}`"),
+        ("data", report["data"]),
+        (
+            "trained",
+            f"{report['mode']}; output layers {_ranges(report['trained_layers'])}; "
+            f"{report['trainable_parameters']:,} trainable parameters",
+        ),
+        (
+            "loss",
+            f"KL to the teacher x {settings['kl_weight']} (temperature "
+            f"{settings['temperature']}"
+            + (f", top-{settings['top_k']} + tail" if settings["top_k"] else "")
+            + f") + next-token loss x {1 - settings['kl_weight']:g}",
+        ),
+        ("steps", f"{report['steps']} of {settings['steps']} (stopped by {report['stopped']})"),
+        ("tokens seen", f"{report['tokens_seen']:,} ({report['tokens_per_second']:,} tokens/s)"),
+        (
+            "learning rate",
+            f"{report['learning_rate']:g} peak, "
+            f"{settings['batch_size']} x {settings['seq_len']} tokens per step",
+        ),
+    ]
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows])
+    ppl = (
+        f"Held-back perplexity ({held['windows']} windows, {held['tokens']:,} tokens of the "
+        f"data never trained on): **{held['before_ppl']} before healing, {held['after_ppl']} "
+        f"after**; the teacher scores {held['teacher_ppl']}. KL to the teacher: "
+        f"{held['before_kl']} -> {held['after_kl']} nats per token."
+    )
+    return table + "\n\n" + ppl
+
+
+def _ranges(indices: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(indices):
+        start = x if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
+
+
+def make_heal_card(recipe: Recipe | None, report: dict, images: dict[str, str]) -> ModelCard:
+    """The card of a healed model: the pruned model's card with a Healing section, or,
+    for a model without a recipe, a short card of its own."""
+    if recipe is not None:
+        return make_model_card(recipe.plan(), images=images, healing=report)
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", tags=[*TAGS, "distillation"]
+    )
+    body = [
+        f"# {report['student']}, healed",
+        f"`{report['student']}` trained by distillation from `{report['teacher']}` with "
+        f"[tailorkit](https://pypi.org/project/tailorkit/) {__version__} (`tailorkit heal`).",
+        "## Healing",
+        healing_section(report),
+    ]
+    if images:
+        body += ["## Figures", _images(images)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n")

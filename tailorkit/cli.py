@@ -201,7 +201,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     spec = METHODS[args.method]
     settings = dict(args.set or [])
     for name in _method_flags():
-        if getattr(args, name) in (None, False):
+        if getattr(args, name) is None or getattr(args, name) is False:
             continue
         if name not in spec.settings.model_fields:
             takers = [m.name for m in METHODS.values() if name in m.settings.model_fields]
@@ -269,6 +269,79 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
             )
         print(result.recipe.to_yaml(), end="")
     return 0
+
+
+def _cmd_heal(args: argparse.Namespace) -> int:
+    from tailorkit.heal import HealSettings, heal
+
+    given = {name: getattr(args, name) for name in HealSettings.model_fields}
+    settings = {k: v for k, v in given.items() if v is not None and v is not False}
+    out = args.out or _healed_name(args.model)
+    result = heal(
+        args.model,
+        teacher=args.teacher,
+        data=args.data,
+        out=out,
+        checkpoints=args.checkpoints,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+        **settings,
+    )
+    held = result.report["held_back"]
+    print(
+        f"heal: {result.report['steps']} steps, {result.report['tokens_seen']:,} tokens; "
+        f"held-back perplexity {held['before_ppl']} -> {held['after_ppl']} "
+        f"(teacher {held['teacher_ppl']})",
+        file=sys.stderr,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _healed_name(model: str) -> str:
+    path = Path(model).expanduser()
+    stem = path.parent / path.stem if path.is_file() else path
+    return f"{str(stem).rstrip('/')}-healed"
+
+
+def _add_heal_command(sub) -> None:
+    from tailorkit.heal import HealSettings
+
+    h = sub.add_parser(
+        "heal",
+        help="distil the dense model back into a pruned one (LoRA or full, KL to the teacher)",
+        description="Train a pruned model to match its dense model's next-token "
+        "distributions on text (knowledge distillation), through a LoRA merged back at the "
+        "end (a plain checkpoint of the same shape) or the chosen layers' own weights. Runs "
+        "under accelerate: `accelerate launch -m tailorkit.cli heal ...` uses several GPUs.",
+    )
+    h.add_argument("model", metavar="MODEL", help="a built model folder or a recipe file")
+    h.add_argument("--teacher", help="the dense model (default: the recipe's base model)")
+    h.add_argument(
+        "--data",
+        help="training text: a text file, a folder of them, a JSONL file (its text field), "
+        "or hf:DATASET[:SPLIT[:COLUMN]] (default: the bundled public-domain text)",
+    )
+    mode = h.add_mutually_exclusive_group()
+    for name, field in HealSettings.model_fields.items():
+        target = mode if name in ("lora_rank", "full") else h
+        target.add_argument(
+            f"--{name.replace('_', '-')}",
+            help=field.description
+            + ("" if "default" in field.description else f" (default {field.default})"),
+            **_flag_options(field),
+        )
+    h.add_argument("--out", help="write the healed checkpoint here (default: MODEL-healed)")
+    h.add_argument(
+        "--checkpoints", help="checkpoint folder (default: OUT-checkpoints; removed at the end)"
+    )
+    h.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    h.add_argument("--overwrite", action="store_true", help="replace a previous tailorkit output")
+    h.add_argument("--device", help="train here, e.g. cuda (default: the CPU)")
+    h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(func=_cmd_heal)
 
 
 def _cmd_cka(args: argparse.Namespace) -> int:
@@ -589,6 +662,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     _add_analysis_commands(sub)
+    _add_heal_command(sub)
     _add_publish_commands(sub)
 
     d = sub.add_parser("doctor", help="show which kernels are active and why")
@@ -626,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         why = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"tailorkit {args.command}: {why}; nothing was written", file=sys.stderr)
+        kept = getattr(e, "kept", "nothing was written")
+        print(f"tailorkit {args.command}: {why}; {kept}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         if previous is not None:

@@ -39,6 +39,11 @@ class EvalError(TailorkitError, ValueError):
     """An evaluation cannot run as asked: a text too short, an unknown task, a bad setting."""
 
 
+class HealError(TailorkitError, ValueError):
+    """Healing cannot run or go on: a bad setting, a teacher that does not match, a loss
+    that turned NaN, a checkpoint that cannot be written or belongs to another run."""
+
+
 def validation_message(where: str, error, unknown: str, skip: tuple[str, ...] = ()) -> str:
     """A pydantic ``ValidationError`` as lines that name each bad field; ``unknown`` is
     said of a field that does not exist, ``skip`` drops location parts (union tags)."""

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from tailorkit.checkpoint.writer import is_heal_output
 from tailorkit.errors import CheckpointError, HubError, RecipeError
 from tailorkit.recipe import Recipe
 
@@ -27,13 +28,16 @@ def check_built_folder(folder: str | Path) -> Path:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such directory")
     missing = [n for n in ("config.json", "recipe.yaml") if not (folder / n).is_file()]
+    if missing == ["recipe.yaml"] and is_heal_output(folder):
+        missing = []  # healed from a model without a recipe: heal.json says what was done
     if missing:
         raise CheckpointError(
             f"{folder}: not a checkpoint built by tailorkit (no {' or '.join(missing)}); "
             "build one with `tailorkit build RECIPE DIR` or PruneResult.save_pretrained"
         )
     try:
-        Recipe.load(folder / "recipe.yaml")
+        if (folder / "recipe.yaml").is_file():
+            Recipe.load(folder / "recipe.yaml")
         Source(str(folder))  # config.json + every shard header, strictly
     except (CheckpointError, RecipeError) as e:
         raise type(e)(f"{folder}: not a valid built checkpoint: {e}") from None

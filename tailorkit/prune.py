@@ -4,6 +4,7 @@ of any plan; both return a PruneResult."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +34,11 @@ log = logging.getLogger(__name__)
 
 
 def prune(
-    base: str = DEFAULT_MODEL,
+    base: str | os.PathLike = DEFAULT_MODEL,
     *,
     method: str = "slm",
     target_ratio: float | None = None,
-    candidates: list[str] | None = None,
+    candidates: list[str | os.PathLike] | None = None,
     calibration: Any = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     num_windows: int = DEFAULT_NUM_WINDOWS,
@@ -63,6 +64,8 @@ def prune(
     after every run of removed layers (:mod:`tailorkit.bridges`) on the same windows.
     """
     spec = get_method(method)
+    base = str(base)  # a Path names a folder as a string does
+    candidates = [str(c) for c in candidates] if candidates else candidates
     if target_ratio is not None:
         settings["target_ratio"] = target_ratio
     if candidates and not spec.takes_candidates:

@@ -82,6 +82,13 @@ class PruneResult:
             extra_texts={"report.json": report},
         )
 
+    def heal(self, **kwargs):
+        """Distil the dense model back into this one (see :func:`tailorkit.heal`);
+        returns a HealResult, which saves and pushes like this."""
+        from tailorkit.heal import heal
+
+        return heal(self, **kwargs)
+
     def push_to_hub(
         self,
         repo_id: str,

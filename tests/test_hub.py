@@ -421,6 +421,30 @@ def test_prune_result_push_to_hub(fake_hub, family):
     assert tk.Recipe.from_dict(yaml.safe_load(files["recipe.yaml"])) == result.recipe
 
 
+def test_healed_model_push_to_hub(fake_hub, family, tmp_path):
+    """tk.prune(...).heal(...).push_to_hub(...): the healed checkpoint, its heal.json, loss
+    curve and a card that says the weights were trained after the recipe; and a model healed
+    without a recipe (a plain folder) pushes too."""
+    text = "The quick brown fox jumps over the lazy dog, and then it rests a while.\n" * 60
+    healed = tk.heal(
+        _recipe(family.base), data=[text], steps=1, seq_len=32, held_back=2, progress=False
+    )
+    url = healed.push_to_hub("tk-org/healed", token=TOKEN)
+    assert "/tk-org/healed/commit/" in url
+    files = fake_hub.commits[-1]["files"]
+    assert {"heal.json", "loss_curve.png", "recipe.yaml", "model.safetensors"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert "trained after the recipe" in card.text and "## Healing" in card.text
+    plain = healed.save_pretrained(tmp_path / "plain")
+    (plain / "recipe.yaml").unlink()
+    again = tk.heal(
+        plain, teacher=family.base, data=[text], steps=1, seq_len=32, held_back=2, progress=False
+    )
+    assert again.recipe is None and "## Healing" in str(again.model_card())
+    push_folder(again.save_pretrained(tmp_path / "again"), "tk-org/healed-2", token=TOKEN)
+    assert "heal.json" in fake_hub.commits[-1]["files"]
+
+
 # --------------------------------------------------------------------------- model card
 
 

@@ -212,14 +212,14 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(target):
         if target.exists() or target.is_symlink():
-            _may_replace(target, overwrite)
+            may_replace(target, overwrite)
         for stale in clean_stale(target):
             log.warning("removed %s, left by a build of %s that was killed", stale, target)
         tmp = Path(
             tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent)
         )
         try:
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
             yield tmp
             if target.exists():
                 trash = tmp.with_name(tmp.name + "-old")
@@ -235,7 +235,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
 
 def is_tailorkit_output(folder: Path) -> bool:
     """Whether ``folder`` is what a tailorkit build wrote (its recipe.yaml, with the header
-    line tailorkit writes, and config.json), or a search log that a prune writes first."""
+    line tailorkit writes, and config.json; or heal.json beside config.json), or a search
+    log that a prune writes first."""
+    if is_heal_output(folder):
+        return True
     recipe = folder / "recipe.yaml"
     if recipe.is_file() and (folder / "config.json").is_file():
         with open(recipe, encoding="utf-8", errors="replace") as f:
@@ -247,7 +250,18 @@ def is_tailorkit_output(folder: Path) -> bool:
     ).is_file()
 
 
-def _may_replace(target: Path, overwrite: bool) -> None:
+def is_heal_output(folder: Path) -> bool:
+    """Whether ``folder`` is what ``tailorkit heal`` wrote: config.json and its heal.json."""
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        with open(folder / "heal.json", encoding="utf-8") as f:
+            return json.load(f).get("format") == "tailorkit heal"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def may_replace(target: Path, overwrite: bool) -> None:
     if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
         return  # an empty folder holds nothing to lose
     if not overwrite:
@@ -296,7 +310,7 @@ def _writer_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
