@@ -23,9 +23,7 @@ KL), measured side by side in this run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import subprocess
 import sys
 import sysconfig
@@ -39,7 +37,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quality import CACHE, SDIST, STDLIB_MODULES, held_out_texts, log_perplexity, windows_of  # noqa: E402
+from quality import (
+    CACHE,
+    SDIST,
+    STDLIB_MODULES,
+    held_out_texts,
+    log_perplexity,
+    windows_of,
+    write_json,
+)  # noqa: E402
 
 import tailorkit as tk  # noqa: E402
 
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
     p.add_argument("--tasks", type=int, default=40, help="tk_next_line documents per subtask")
     p.add_argument("--speed-steps", type=int, default=6, help="steps of the speed comparison")
+    p.add_argument("--speed-only", action="store_true", help="only the speed comparison")
     p.add_argument("--json", default="benchmarks/results/heal.json")
     args = p.parse_args(argv)
 
@@ -141,16 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     data = _training_text()
     base = tk.Recipe.identity(tk.DEFAULT_MODEL, 30).plan().base
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    evals = {k: windows_of(tokenizer, t, 256, args.windows) for k, t in held_out_texts().items()}
-    dense = evaluate(
-        tk.assemble(tk.Recipe.identity(base.ref, base.num_layers)), tokenizer, evals, args.tasks
-    )
-    print("dense", dense, flush=True)
     plain = tk.prune(method="shortgpt", target_ratio=args.ratio, num_windows=8, progress=False)
-    bridged = tk.bridge(plain.recipe, num_windows=32, progress=False)
-    plans = {"shortgpt": plain.recipe, "shortgpt+bridge": bridged.recipe}
 
-    # Speed first, on a quiet machine: ours and the plain loop, same steps, same data.
+    # Speed first: ours and the plain loop, same steps, same data, one after the other.
     speed_steps = args.speed_steps
     ours = tk.heal(
         plain.recipe,
@@ -164,7 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     loop_tps = plain_loop_tokens_per_second(plain.recipe, data, speed_steps)
     speed = {"tailorkit": ours_tps, "plain_peft_loop": round(loop_tps, 1)}
     print("tokens/s", speed, flush=True)
+    if args.speed_only:
+        write_json(args.json, "heal", argv, speed=speed, steps=speed_steps)
+        return
     seconds_per_step = 4 * 256 / ours_tps
+    evals = {k: windows_of(tokenizer, t, 256, args.windows) for k, t in held_out_texts().items()}
+    dense = evaluate(
+        tk.assemble(tk.Recipe.identity(base.ref, base.num_layers)), tokenizer, evals, args.tasks
+    )
+    print("dense", dense, flush=True)
+    bridged = tk.bridge(plain.recipe, num_windows=32, progress=False)
+    plans = {"shortgpt": plain.recipe, "shortgpt+bridge": bridged.recipe}
 
     def steps_for(minutes: float) -> int:
         return max(2, int(minutes * 60 / seconds_per_step * 0.9))
@@ -236,20 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print(table)
     print(f"tokens/s: tk.heal {speed['tailorkit']}, plain peft loop {speed['plain_peft_loop']}")
-    out = {
-        "benchmark": "heal",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/heal.py " + " ".join(argv or sys.argv[1:]),
-        "training_text": {"milton": MILTON, "stdlib": TRAIN_MODULES, "eval_stdlib": STDLIB_MODULES},
-        "speed": speed,
-        "seconds": round(time.time() - started, 1),
-        "rows": rows,
-        "table": table,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_json(
+        args.json,
+        "heal",
+        argv,
+        training_text={"milton": MILTON, "stdlib": TRAIN_MODULES, "eval_stdlib": STDLIB_MODULES},
+        speed=speed,
+        seconds=round(time.time() - started, 1),
+        rows=rows,
+        table=table,
+    )
 
 
 if __name__ == "__main__":

@@ -222,23 +222,33 @@ def main(argv: list[str] | None = None) -> None:
 
     table = render(rows)
     print(table)
+    write_json(
+        args.json,
+        "quality",
+        argv,
+        base=args.base,
+        eval={"windows_per_text": args.windows, "seq_len": args.seq_len, "tasks": args.tasks},
+        calibration_windows=args.calibration_windows,
+        bridge_windows=args.bridge_windows if args.bridge else None,
+        dense_forward_seconds=forward_s,
+        seconds=round(time.time() - started, 1),
+        rows=rows,
+        table=table,
+    )
+
+
+def write_json(path: str, benchmark: str, argv: list[str] | None, **fields) -> None:
+    """The benchmark's record: what ran, when, where, and its figures."""
     out = {
-        "benchmark": "quality",
+        "benchmark": benchmark,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/quality.py " + " ".join(argv or sys.argv[1:]),
-        "base": args.base,
-        "eval": {"windows_per_text": args.windows, "seq_len": args.seq_len, "tasks": args.tasks},
-        "calibration_windows": args.calibration_windows,
-        "bridge_windows": args.bridge_windows if args.bridge else None,
-        "dense_forward_seconds": forward_s,
-        "seconds": round(time.time() - started, 1),
-        "rows": rows,
-        "table": table,
+        "command": f"python benchmarks/{benchmark}.py " + " ".join(argv or sys.argv[1:]),
+        **fields,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def _scores(row: dict) -> dict:

@@ -289,6 +289,8 @@ def _cmd_heal(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **settings,
     )
+    if not result.is_main:
+        return 0  # the main process of an `accelerate launch` reports and writes
     held = result.report["held_back"]
     print(
         f"heal: {result.report['steps']} steps, {result.report['tokens_seen']:,} tokens; "

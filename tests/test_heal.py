@@ -297,3 +297,35 @@ def test_prune_then_heal_then_save(llama, data, tmp_path):
     )
     # The healed model's output follows the umask like a build's (not private files).
     assert all(p.stat().st_mode & 0o044 for p in out.iterdir())
+
+
+def test_accelerate_launch_on_two_processes_matches_one(llama, data, tmp_path):
+    """`accelerate launch` runs the same command over processes (gloo on the CPU): each takes
+    its share of every batch, gradients are averaged, one process writes; the weights are
+    those of one process taking the whole batch."""
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, llama)
+    args = ["heal", str(recipe), "--data", str(data), "-q", "--steps", "3", "--seq-len", "32"]
+    args += ["--batch-size", "4", "--held-back", "2", "--learning-rate", "0.003"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = tmp_path / "two"
+    run = subprocess.run(
+        [*launch, "-m", "tailorkit.cli", *args, "--out", str(two)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("wrote ") == 1, "one process reports and writes"
+    one = tmp_path / "one"
+    assert main([*args, "--out", str(one)]) == 0
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    unhealed = tk.assemble(tk.Recipe.load(recipe)).state_dict()
+    for name, value in a.items():
+        assert torch.allclose(value, b[name], atol=1e-5), name
+    assert any(not torch.equal(v, unhealed[k]) for k, v in a.items()), "it trained"
+    report = json.loads((two / "heal.json").read_text())
+    assert report["tokens_seen"] == 3 * 4 * 32

@@ -75,10 +75,12 @@ def heal(
     trainer.run()
     result = trainer.result(Path(scratch.name), data)
     result.scratch = scratch
-    if out is not None:
+    result.is_main = trainer.acc.is_main_process
+    if out is not None and result.is_main:  # under accelerate launch: one writer
         result.save_pretrained(out, overwrite=overwrite)
         if checkpoints is None:
             shutil.rmtree(folder, ignore_errors=True)
+    trainer.acc.wait_for_everyone()
     return result
 
 

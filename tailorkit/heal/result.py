@@ -23,6 +23,7 @@ class HealResult:
     recipe: Any = None  # the recipe the student was built from, when known
     images: dict[str, Path] = field(default_factory=dict)
     scratch: Any = field(default=None, repr=False)  # a TemporaryDirectory holding images
+    is_main: bool = True  # False in the other processes of an `accelerate launch`
 
     def model_card(self):
         from tailorkit.card import make_heal_card
