@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
     p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
     p.add_argument("--popsize", type=int, default=12, help="gptailor population")
+    p.add_argument("--kl-positions", type=int, help="gptailor: KL on this many positions/window")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
 
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                     "popsize": args.popsize,
                     "fidelity_windows": args.calibration_windows // 2,
                     "removal_only": method == "gptailor-removal",
+                    "kl_positions": args.kl_positions,
                 }
             result = tk.prune(
                 args.base,

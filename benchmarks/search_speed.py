@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         "shape (for machines without the family; the search's path differs)",
     )
     p.add_argument("--random-dir", default="/tmp/tailorkit-random-family")
+    p.add_argument("--positions", type=int, help="score the KL on this many positions/window")
     p.add_argument("--json", default="benchmarks/results/search_speed.json")
     args = p.parse_args(argv)
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         base=base,
         windows=windows,
         candidates=dict(zip(space.names, candidates)),
-        objective=Logits(),
+        objective=Logits(positions=args.positions),
         batch_size=args.fidelity,
         device=args.device,
     )

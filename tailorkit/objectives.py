@@ -42,11 +42,18 @@ class Logits(Objective):
 
     weights: tuple[tuple[str, float], ...] = (("kl", 1.0),)
     lm_eval: tuple[tuple[str, ...], int] | None = None  # (tasks, sample limit)
+    # Score the token objectives on this many evenly spaced positions of each window, the
+    # same for every trial (None: all): the LM head and the vocabulary-wide sums then cost
+    # that share of a full pass.
+    positions: int | None = None
 
     @classmethod
-    def parse(cls, spec: str | dict[str, float], lm_eval: dict | None = None) -> Logits:
+    def parse(
+        cls, spec: str | dict[str, float], lm_eval: dict | None = None, positions: int | None = None
+    ) -> Logits:
         """``"kl"``, ``"kl+0.5*loss"`` or ``{"kl": 1, "loss": 0.5}``; ``lm_eval``:
-        ``{"tasks": [...], "limit": N}`` for the ``lm_eval`` term."""
+        ``{"tasks": [...], "limit": N}`` for the ``lm_eval`` term; ``positions``: see the
+        field."""
         if isinstance(spec, dict):
             weights = {str(k): float(v) for k, v in spec.items()}
         else:
@@ -71,7 +78,9 @@ class Logits(Objective):
                     "the lm_eval objective needs tasks, e.g. lm_eval={'tasks': [...]}"
                 )
             tasks = (tuple(settings["tasks"]), int(settings.get("limit", 100)))
-        return cls(tuple(weights.items()), tasks)
+        if positions is not None and positions < 1:
+            raise MethodError(f"positions must be at least 1, got {positions}")
+        return cls(tuple(weights.items()), tasks, positions)
 
     @property
     def tokens(self) -> list[str]:
@@ -81,14 +90,24 @@ class Logits(Objective):
     def per_batch(self) -> bool:
         return bool(self.tokens)
 
+    def scored(self, length: int) -> torch.Tensor | None:
+        """The positions scored in a window of ``length`` tokens (None: all of them)."""
+        if self.positions is None or self.positions >= length - 1:
+            return None
+        return torch.linspace(0, length - 2, self.positions).round().long().unique()
+
     def reference(self, runner, batch: int) -> Teacher | None:
         if "kl" not in self.tokens:
             return None
-        return runner.reference("teacher", batch, lambda t: Teacher.of(runner.stack, t))
+        at = self.scored(runner.traces[batch].input_ids.shape[1])
+        name = ("teacher", self.positions)
+        return runner.reference(name, batch, lambda t: Teacher.of(runner.stack, t, at))
 
     def on_batch(self, runner, batch: int, state: torch.Tensor) -> dict:
         trace = runner.traces[batch]
-        return token_sums(self.tokens, runner.stack, state, trace, self.reference(runner, batch))
+        at = self.scored(trace.input_ids.shape[1])
+        teacher = self.reference(runner, batch)
+        return token_sums(self.tokens, runner.stack, state, trace, teacher, at)
 
     def reduce(self, runner, layers: tuple, parts: list) -> float:
         value = 0.0
@@ -158,19 +177,26 @@ class Teacher:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, stack: DecoderStack, trace: Trace) -> Teacher:
+    def of(cls, stack: DecoderStack, trace: Trace, at: torch.Tensor | None = None) -> Teacher:
         # In float64: a float32 log-softmax shifts every entry by the rounding error of
         # its log-sum-exp, which moves the mass by ~1e-6, times lse(z) on every token.
-        logp = torch.log_softmax(stack.logits(trace.states[-1]).double(), dim=-1)
+        state = trace.states[-1] if at is None else trace.states[-1][:, at]
+        logp = torch.log_softmax(stack.logits(state).double(), dim=-1)
         probs = logp.exp()
         return cls(probs.float(), (probs * logp).sum(-1), probs.sum(-1))
 
 
 @torch.no_grad()
 def token_sums(
-    names: Sequence[str], stack: DecoderStack, state: torch.Tensor, trace: Trace, teacher: Teacher
+    names: Sequence[str],
+    stack: DecoderStack,
+    state: torch.Tensor,
+    trace: Trace,
+    teacher: Teacher,
+    at: torch.Tensor | None = None,
 ) -> dict[str, tuple[float, int]]:
-    """For each token objective in ``names``: (sum over tokens, token count) on one batch.
+    """For each token objective in ``names``: (sum over tokens, token count) on one batch,
+    at positions ``at`` of each window (None: every position; each must have a next token).
 
     One pass of the LM head serves them all. The logits are worked on in place (they
     are ``stack.logits``' fresh output): at a 49k vocabulary every ``(B, T, V)`` pass
@@ -179,19 +205,20 @@ def token_sums(
     for name in names:
         if name not in TOKEN_OBJECTIVES:
             raise MethodError(f"unknown token objective {name!r}")
-    z = stack.logits(state).float()  # (B, T, V)
+    z = stack.logits(state if at is None else state[:, at]).float()  # (B, T, V)
     # Shift each token's logits by their max (KL and loss do not change): the sums below
     # then stay near zero, where float32 keeps the digits a logit of ~20 would lose.
     z.sub_(z.amax(dim=-1, keepdim=True))
     cross = (teacher.probs * z).sum(-1).double() if "kl" in names else None
-    targets = trace.input_ids[:, 1:].unsqueeze(-1)
-    picked = z[:, :-1].gather(-1, targets).squeeze(-1).double() if "loss" in names else None
+    scored = slice(None, -1) if at is None else slice(None)  # positions with a next token
+    targets = (trace.input_ids[:, 1:] if at is None else trace.input_ids[:, at + 1]).unsqueeze(-1)
+    picked = z[:, scored].gather(-1, targets).squeeze(-1).double() if "loss" in names else None
     lse = z.exp_().sum(-1).log().double()  # (B, T); z is spent
     per_token = {}
     if "kl" in names:
         per_token["kl"] = teacher.neg_entropy - cross + teacher.mass * lse
     if "loss" in names:
-        per_token["loss"] = lse[:, :-1] - picked
+        per_token["loss"] = lse[:, scored] - picked
     return {n: (float(per_token[n].sum()), per_token[n].numel()) for n in names}
 
 

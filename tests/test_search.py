@@ -165,6 +165,39 @@ def test_token_sums_keep_float64_accuracy_over_a_large_vocabulary():
     assert sums["loss"] == (pytest.approx(loss, rel=1e-6), 30)
 
 
+def test_token_sums_on_a_subset_of_positions_are_those_positions_exactly(gen):
+    """kl_positions: the same sums as a float64 computation over just those positions."""
+    teacher_logits = torch.randn(2, 16, 300, generator=gen) * 3
+    student = teacher_logits + torch.randn(2, 16, 300, generator=gen)
+    ids = torch.randint(0, 300, (2, 16), generator=gen)
+    at = objectives.Logits(positions=5).scored(16)
+    assert at.tolist() == [0, 4, 7, 10, 14] and objectives.Logits(positions=15).scored(16) is None
+    stack = SimpleNamespace(logits=lambda state: state.clone())
+    teacher = objectives.Teacher.of(stack, SimpleNamespace(states=[teacher_logits]), at)
+    sums = objectives.token_sums(
+        ["kl", "loss"], stack, student, SimpleNamespace(input_ids=ids), teacher, at
+    )
+    p = torch.log_softmax(teacher_logits[:, at].double(), -1)
+    q = torch.log_softmax(student[:, at].double(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).sum())
+    loss = float(-q.gather(-1, ids[:, at + 1, None]).sum())
+    assert sums["kl"] == (pytest.approx(kl, rel=1e-6), 10)
+    assert sums["loss"] == (pytest.approx(loss, rel=1e-6), 10)
+
+
+def test_kl_positions_through_the_runner(space, family, tokens):
+    """A runner scoring on a few positions ranks as the direct KL over those positions."""
+    config = _config(family, tokens)
+    few = TrialRunner(dataclasses.replace(config, objective=objectives.Logits(positions=4)))
+    recipe = space.decode(space.initial([1, 2, 3, 4]))
+    at = objectives.Logits(positions=4).scored(tokens.shape[1])
+    base = AutoModelForCausalLM.from_pretrained(space.base)
+    with torch.no_grad():
+        p = torch.log_softmax(base(input_ids=tokens).logits[:, at].double(), -1)
+        q = torch.log_softmax(tk.assemble(recipe)(input_ids=tokens).logits[:, at].double(), -1)
+    assert few.score(recipe) == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
+
+
 def test_lm_eval_objective_scores_the_assembled_candidate_once(space, family, tokens):
     from transformers import AutoTokenizer
 

@@ -46,6 +46,12 @@ class GPTailorSettings(Settings):
         "kl", description="kl, loss, lm_eval, or a weighted sum like kl+0.5*loss"
     )
     lm_eval: dict | None = Field(None, description="{tasks: [...], limit: N} for lm_eval")
+    kl_positions: int | None = Field(
+        None,
+        ge=1,
+        description="score kl/loss on this many evenly spaced positions per window, the same "
+        "for every candidate (None: all)",
+    )
     fidelity_windows: int | None = Field(
         None, ge=1, description="windows of the small slice every candidate is scored on"
     )
@@ -68,7 +74,7 @@ class GPTailorSettings(Settings):
             raise ValueError(
                 f"budget {self.budget} is smaller than one generation (popsize {self.popsize})"
             )
-        Logits.parse(self.objective, self.lm_eval)
+        Logits.parse(self.objective, self.lm_eval, self.kl_positions)
         parse_size(self.state_cache, "state_cache")
         resolve_device(self.device)
         return self
@@ -122,7 +128,7 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
         base=ctx.base,
         windows=windows,
         candidates=dict(zip(space.names, space.candidates)),
-        objective=Logits.parse(s.objective, s.lm_eval),
+        objective=Logits.parse(s.objective, s.lm_eval, s.kl_positions),
         dtype=s.dtype,
         batch_size=batch,
         device=s.device,
