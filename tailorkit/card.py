@@ -175,10 +175,9 @@ def _bridges(plan: Plan, fits: list[dict] | None) -> str:
         "|---:|---|---|---:|---:|---:|",
     ]
     for fit in fits:
-        start, stop = fit["removed"]
         name = fit["name"] if fit["kept"] else "(dropped: no better on held-back tokens)"
         rows.append(
-            f"| {fit['layer']} | {name} | {start if stop == start + 1 else f'{start}-{stop - 1}'} "
+            f"| {fit['layer']} | {name} | {spans(range(*fit['removed']))} "
             f"| {fit['tokens']} "
             f"| {fit['error']:.4f} | {fit['error_without']:.4f} |"
         )
@@ -448,7 +447,7 @@ def healing_section(report: dict) -> str:
         ("data", report["data"]),
         (
             "trained",
-            f"{report['mode']}; output layers {_ranges(report['trained_layers'])}; "
+            f"{report['mode']}; output layers {spans(report['trained_layers'])}; "
             f"{report['trainable_parameters']:,} trainable parameters",
         ),
         (
@@ -476,7 +475,8 @@ def healing_section(report: dict) -> str:
     return table + "\n\n" + ppl
 
 
-def _ranges(indices: list[int]) -> str:
+def spans(indices) -> str:
+    """Sorted layer indices as ``0-3,7,9-10``."""
     out, start = [], None
     for i, x in enumerate(indices):
         start = x if start is None else start

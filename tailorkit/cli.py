@@ -184,6 +184,12 @@ def _writable(option: str, path: str | None) -> None:
         raise TailorkitError(f"{option} {path}: cannot write a file there")
 
 
+def _given(value) -> bool:
+    """Whether a settings option was given: unset options are None (False for a switch).
+    Not a truth test, which would drop a given 0 (`--steps 0` must be checked, not ignored)."""
+    return value is not None and value is not False
+
+
 def _setting(text: str) -> tuple[str, object]:
     import yaml
 
@@ -201,7 +207,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     spec = METHODS[args.method]
     settings = dict(args.set or [])
     for name in _method_flags():
-        if getattr(args, name) is None or getattr(args, name) is False:
+        if not _given(getattr(args, name)):
             continue
         if name not in spec.settings.model_fields:
             takers = [m.name for m in METHODS.values() if name in m.settings.model_fields]
@@ -240,13 +246,13 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
 def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) -> int:
     """A PruneResult where the options say: a checkpoint (--out), a recipe (--recipe),
     or the recipe on stdout."""
+    from tailorkit.card import spans
     from tailorkit.result import command_line
 
     result.command = command_line(args.argv)
     print(f"{what}: {result.summary()}", file=sys.stderr)
     for fit in result.report.get("bridges", []):
-        start, stop = fit["removed"]
-        removed = f"{start}" if stop == start + 1 else f"{start}-{stop - 1}"
+        removed = spans(range(*fit["removed"]))
         verdict = "kept" if fit["kept"] else "dropped: no better on held-back tokens"
         print(
             f"  {fit['name']} (output layer {fit['layer']}, for base layers {removed}): "
@@ -274,8 +280,8 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
 def _cmd_heal(args: argparse.Namespace) -> int:
     from tailorkit.heal import HealSettings, heal
 
-    given = {name: getattr(args, name) for name in HealSettings.model_fields}
-    settings = {k: v for k, v in given.items() if v is not None and v is not False}
+    flags = {name: getattr(args, name) for name in HealSettings.model_fields}
+    settings = {name: value for name, value in flags.items() if _given(value)}
     out = args.out or _healed_name(args.model)
     result = heal(
         args.model,

@@ -231,14 +231,19 @@ class TrialRunner:
             params[name] = jobs[name].compute().to(self.device)
         return params
 
+    def recorded_prefix(self, layers: Sequence[OutputLayer]) -> int:
+        """How many of ``layers`` are the base's own first layers: their output states are
+        recorded, so a trial need not run them."""
+        n = 0
+        while n < min(len(layers), len(self._identity)) and layers[n] == self._identity[n]:
+            n += 1
+        return n
+
     def final_state(self, layers: tuple[OutputLayer, ...], batch: int) -> torch.Tensor:
         """Batch ``batch``'s last hidden state (before the final norm) under ``layers``,
         run from the longest prefix already known: recorded, or cached."""
         trace = self.traces[batch]
-        recorded = 0
-        if self.config.caches:
-            while recorded < len(layers) and layers[recorded] == self._identity[recorded]:
-                recorded += 1
+        recorded = self.recorded_prefix(layers) if self.config.caches else 0
         start, state = len(layers), None
         while start > recorded:
             state = self._states.get((batch, layers[:start]))

@@ -250,13 +250,17 @@ def is_tailorkit_output(folder: Path) -> bool:
     ).is_file()
 
 
+HEAL_FILE = "heal.json"  # what `tailorkit heal` writes beside the weights
+HEAL_FORMAT = "tailorkit heal"  # its "format" field
+
+
 def is_heal_output(folder: Path) -> bool:
     """Whether ``folder`` is what ``tailorkit heal`` wrote: config.json and its heal.json."""
     if not (folder / "config.json").is_file():
         return False
     try:
-        with open(folder / "heal.json", encoding="utf-8") as f:
-            return json.load(f).get("format") == "tailorkit heal"
+        with open(folder / HEAL_FILE, encoding="utf-8") as f:
+            return json.load(f).get("format") == HEAL_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

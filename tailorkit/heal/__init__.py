@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tailorkit.errors import HealError
 from tailorkit.heal.result import HealResult
-from tailorkit.heal.settings import CHECKPOINT_PREFIX, HealSettings
+from tailorkit.heal.settings import HealSettings
 
 __all__ = ["HealResult", "HealSettings", "heal"]
 
@@ -50,7 +50,13 @@ def heal(
     temporary folder without ``out``); they are removed once the result is saved.
     ``settings``: see :class:`HealSettings`.
     """
-    from tailorkit.heal.trainer import Trainer, load_student, load_teacher, make_windows
+    from tailorkit.heal.trainer import (
+        Trainer,
+        checkpoints_in,
+        load_student,
+        load_teacher,
+        make_windows,
+    )
 
     config = HealSettings.checked(**settings)
     if resume and checkpoints is None and out is None:
@@ -59,7 +65,7 @@ def heal(
         _check_out(Path(out), overwrite)
     scratch = tempfile.TemporaryDirectory(prefix="tailorkit-heal-")
     folder = Path(checkpoints or (f"{Path(out).absolute()}-checkpoints" if out else scratch.name))
-    earlier = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*/state.json"))
+    earlier = checkpoints_in(folder)
     if earlier and not resume:
         raise HealError(
             f"{folder}: holds checkpoints of an earlier run (up to {earlier[-1].parent.name}); "

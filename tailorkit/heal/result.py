@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tailorkit.checkpoint.writer import HEAL_FILE
 from tailorkit.errors import HealError
-from tailorkit.heal.settings import HEAL_FILE
 
 
 @dataclass

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import math
-import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,7 +11,6 @@ from tailorkit.errors import HealError, validation_message
 
 CHECKPOINT_PREFIX = "step-"
 KEPT_CHECKPOINTS = 2
-HEAL_FILE = "heal.json"
 # Settings a resumed run must share with the run it continues (the others only change
 # when it scores, writes or stops).
 RUN_ONLY = ("eval_every", "checkpoint_every", "max_minutes")
@@ -109,12 +106,3 @@ def layer_list(spec: str, num_layers: int) -> list[int] | str:
             )
         out.update(range(first, last + 1))
     return sorted(out)
-
-
-def no_space(e: OSError, what: str, kept: str) -> HealError:
-    why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return HealError(f"{what}: write failed ({why}); {kept}")
-
-
-def now() -> float:
-    return time.perf_counter()

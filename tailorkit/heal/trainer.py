@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tailorkit.checkpoint.writer import HEAL_FORMAT
 from tailorkit.errors import HealError
 from tailorkit.heal.losses import TopKCache, kl_full, kl_top_k, next_token_loss, teacher_top_k
 from tailorkit.heal.result import HealResult
@@ -23,8 +26,6 @@ from tailorkit.heal.settings import (
     RUN_ONLY,
     HealSettings,
     layer_list,
-    no_space,
-    now,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Student:
     model: Any
     tokenizer: Any
     name: str
-    recipe: Any  # the Recipe it was pruned by, when known
+    plan: Any  # the Plan of the recipe it was pruned by, when known
     dtype: torch.dtype  # what it was saved in; trained in float32, saved back in this
 
 
@@ -68,21 +69,24 @@ def load_student(model, device) -> Student:
             recipe = Recipe.load(path)
         elif (path / "recipe.yaml").is_file():
             recipe = Recipe.load(path / "recipe.yaml")
-    loaded = load_model(model, device="cpu")
+    plan = None if recipe is None else recipe.plan()  # opens the sources' headers once
+    built_dir = isinstance(model, (str, Path)) and Path(model).expanduser().is_dir()
+    loaded = load_model(model if plan is None or built_dir else plan, device="cpu")
+    name = str(model) if isinstance(model, (str, Path)) else loaded.name
     dtype = next(loaded.model.parameters()).dtype
-    return Student(loaded.model, loaded.tokenizer, loaded.name, recipe, dtype)
+    return Student(loaded.model, loaded.tokenizer, name, plan, dtype)
 
 
 def load_teacher(teacher, student: Student, device) -> Teacher:
     from tailorkit.eval.run import load_model
 
     if teacher is None:
-        if student.recipe is None:
+        if student.plan is None:
             raise HealError(
                 f"{student.name}: no recipe.yaml beside it, so its dense model is unknown; "
                 "name the teacher (--teacher)"
             )
-        base = student.recipe.plan().base
+        base = student.plan.base
         teacher, name = base.path, base.ref
     else:
         name = str(teacher)
@@ -130,6 +134,11 @@ def make_windows(tokenizer, data, config: HealSettings) -> Windows:
     return Windows(windows[keep], windows[held], digest)
 
 
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The state files of the checkpoints in ``folder``, oldest first."""
+    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*/state.json"))
+
+
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
     """The name and the list of the decoder layers of a transformers causal LM."""
     from tailorkit.forward import _find_layers
@@ -146,17 +155,16 @@ def trained_layers(config: HealSettings, student: Student) -> list[int]:
         return list(range(len(layers)))
     if spec != "gaps":
         return spec
-    if student.recipe is None:
+    if student.plan is None:
         raise HealError(
             f"train gaps: {student.name} has no recipe.yaml, so where layers were removed is "
             "unknown; name the layers (e.g. 5,6,11)"
         )
     from tailorkit.bridges import gaps
 
-    output = student.recipe.output_layers()
-    num = student.recipe.plan().base.num_layers
+    output = student.plan.recipe.output_layers()
     chosen = {i for i, layer in enumerate(output) if layer.bridge}
-    for j, _, _ in gaps(output, num):
+    for j, _, _ in gaps(output, student.plan.base.num_layers):
         chosen |= {j, j + 1} & set(range(len(output)))
     if not chosen:
         raise HealError(f"train gaps: {student.name}'s recipe removes no layers")
@@ -225,10 +233,10 @@ class Trainer:
 
     # -- identity of a run, for --resume ---------------------------------------------------
     def identity(self) -> dict:
-        recipe = self.student.recipe
+        plan = self.student.plan
         return {
             "settings": self.config.model_dump(exclude=set(RUN_ONLY)),
-            "student": recipe.fingerprint() if recipe is not None else self.student.name,
+            "student": plan.recipe.fingerprint() if plan is not None else self.student.name,
             "teacher": self.teacher.name,
             "data": self.windows.digest,
             "processes": self.acc.num_processes,
@@ -290,26 +298,27 @@ class Trainer:
         return teacher_top_k(self.teacher_logits(self.windows.train[rows]), c.top_k, c.temperature)
 
     @torch.no_grad()
-    def held_back(self, model) -> dict[str, float]:
-        """Next-token loss and KL to the teacher (temperature 1, whole vocabulary) on the
-        held-back windows."""
+    def held_back(self, model, kl: bool = True) -> dict[str, float]:
+        """Next-token loss and (with ``kl``) KL to the teacher (temperature 1, whole
+        vocabulary) on the held-back windows."""
         was_training = model.training
         model.eval()
         held, size = self.windows.held, self.config.batch_size
-        loss = kl = 0.0
+        out = {"held_back_loss": 0.0} | ({"held_back_kl": 0.0} if kl else {})
         for i in range(0, len(held), size):
             ids = held[i : i + size].to(self.acc.device)
             with self.acc.autocast():
                 logits = model(input_ids=ids).logits
-            loss += next_token_loss(logits, ids).item() * len(ids)
-            kl += kl_full(logits, self.teacher_logits(ids)).item() * len(ids)
+            out["held_back_loss"] += next_token_loss(logits, ids).item() * len(ids)
+            if kl:
+                out["held_back_kl"] += kl_full(logits, self.teacher_logits(ids)).item() * len(ids)
         model.train(was_training)
-        return {"held_back_loss": loss / len(held), "held_back_kl": kl / len(held)}
+        return {name: total / len(held) for name, total in out.items()}
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         c = self.config
-        started = now()
+        started = time.perf_counter()
         if self.step == 0:
             self.history.append({"step": 0, **self.held_back(self.model)})
         bar = tqdm(
@@ -321,7 +330,7 @@ class Trainer:
         )
         try:
             while self.step < c.steps:
-                if c.max_minutes is not None and now() - started > 60 * c.max_minutes:
+                if c.max_minutes is not None and time.perf_counter() - started > 60 * c.max_minutes:
                     self.stopped = "time"
                     break
                 self._one_step(bar)
@@ -333,7 +342,7 @@ class Trainer:
 
     def _one_step(self, bar) -> None:
         c, s = self.config, self.step + 1
-        t0 = now()
+        t0 = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr_at(s)
         rows = self.rows(s)
@@ -344,7 +353,7 @@ class Trainer:
         self.acc.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.train_seconds += now() - t0
+        self.train_seconds += time.perf_counter() - t0
         self.step = s
         self.tokens += c.batch_size * c.seq_len
         entry = {"step": s, "loss": loss.item(), "lr": c.lr_at(s)}
@@ -390,22 +399,19 @@ class Trainer:
                     torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
             except OSError as e:
-                raise no_space(e, f"checkpoint {target}", self._kept()) from e
+                why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise HealError(f"checkpoint {target}: write failed ({why}); {self._kept()}") from e
             self.checkpoints.append(self.step)
             for old in self.checkpoints[:-KEPT_CHECKPOINTS]:
                 shutil.rmtree(self.folder / f"{CHECKPOINT_PREFIX}{old:06d}", ignore_errors=True)
             self.checkpoints = self.checkpoints[-KEPT_CHECKPOINTS:]
         self.acc.wait_for_everyone()
 
-    def found(self) -> list[Path]:
-        """The state files of the checkpoints in the folder, oldest first."""
-        return sorted(self.folder.glob(f"{CHECKPOINT_PREFIX}*/state.json"))
-
     def resume(self) -> None:
         """Continue from the newest checkpoint in the folder (start afresh if there is none)."""
         from safetensors.torch import load_file
 
-        found = self.found()
+        found = checkpoints_in(self.folder)
         if not found:
             log.warning("%s: no checkpoint yet; starting from step 0", self.folder)
             return
@@ -443,12 +449,12 @@ class Trainer:
         if not self.config.full:
             model = model.merge_and_unload()
         after = self.held_back(model)
-        dense = self.held_back(self.teacher_model)["held_back_loss"]
+        dense = self.held_back(self.teacher_model, kl=False)["held_back_loss"]
         model = model.to("cpu", self.student.dtype).eval()
         before = self.history[0]
         c = self.config
         report = {
-            "format": "tailorkit heal",
+            "format": HEAL_FORMAT,
             "student": self.student.name,
             "teacher": self.teacher.name,
             "data": "bundled calibration text" if data is None else str(data),
@@ -474,7 +480,8 @@ class Trainer:
             "history": self.history,
         }
         images = {"Healing loss": loss_curve(self.history, scratch / "loss_curve.png")}
-        return HealResult(model, self.student.tokenizer, report, self.student.recipe, images)
+        recipe = None if self.student.plan is None else self.student.plan.recipe
+        return HealResult(model, self.student.tokenizer, report, recipe, images)
 
 
 def _ppl(loss: float) -> float:
