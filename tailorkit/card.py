@@ -22,6 +22,7 @@ from huggingface_hub.repocard import metadata_load
 
 from tailorkit.bridges import CITATION as BRIDGES_BIB
 from tailorkit.checkpoint import builtin
+from tailorkit.checkpoint.architecture import mlp_channels
 from tailorkit.errors import CheckpointError, HubError
 from tailorkit.methods import METHODS
 from tailorkit.plan import Plan
@@ -217,19 +218,61 @@ def _sources_table(plan: Plan) -> str:
     return "\n".join(rows)
 
 
-def _size_table(plan: Plan) -> str:
+def _compared_speed(evaluation: Any) -> dict[str, Any] | None:
+    """The evaluation's measured speed when it has both this model's and the base's."""
+    if not evaluation:
+        return None
+    data = evaluation.to_dict() if hasattr(evaluation, "to_dict") else dict(evaluation)
+    speed = data.get("speed") or {}
+    return speed if speed.get("model") and speed.get("base") else None
+
+
+def _size_table(plan: Plan, speed: dict[str, Any] | None = None) -> str:
+    """Layers and parameters, base against this model; with ``speed`` (an evaluation's
+    ``speed`` holding both models) also prefill and decode tokens/s and the speed-ups."""
+    from tailorkit.eval.compare import format_rate, format_speedup, speed_note
+    from tailorkit.eval.speed import speed_ratio
+
     base_layers, layers = plan.base.num_layers, plan.num_layers
     base_params, params = plan.base_parameters, plan.num_parameters
-    return "\n".join(
-        [
-            "| | base model | this model | removed |",
-            "|---|---:|---:|---:|",
-            f"| transformer layers | {base_layers} | {layers} | {base_layers - layers} "
-            f"({plan.removed_layer_fraction:.1%}) |",
-            f"| parameters | {base_params:,} | {params:,} | {base_params - params:,} "
-            f"({plan.removed_parameter_fraction:.1%}) |",
-        ]
-    )
+    rows = [
+        f"| | base model | this model | removed{' / speed-up' if speed else ''} |",
+        "|---|---:|---:|---:|",
+        f"| transformer layers | {base_layers} | {layers} | {base_layers - layers} "
+        f"({plan.removed_layer_fraction:.1%}) |",
+        f"| parameters | {base_params:,} | {params:,} | {base_params - params:,} "
+        f"({plan.removed_parameter_fraction:.1%}) |",
+    ]
+    if plan.recipe.width is not None:
+        full, kept = _mlp_size(plan), plan.recipe.width.intermediate_size
+        rows.insert(
+            3,
+            f"| MLP channels per layer | {full} | {kept} | {full - kept} ({1 - kept / full:.1%}) |",
+        )
+    if not speed:
+        return "\n".join(rows)
+    mine, base = speed["model"], speed["base"]
+    ups = speed_ratio(base, mine)
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_tokens_per_s"
+        rows.append(
+            f"| {phase} tokens/s | {format_rate(base.get(key))} | {format_rate(mine.get(key))} "
+            f"| {format_speedup(ups[phase])} |"
+        )
+    return "\n".join(rows) + "\n\n" + speed_note(mine)
+
+
+def _width_clause(plan: Plan) -> str:
+    width = plan.recipe.width
+    if width is None:
+        return ""
+    return f", each keeping {width.intermediate_size} of its {_mlp_size(plan)} MLP channels"
+
+
+def _mlp_size(plan: Plan) -> int:
+    """The base model's MLP channels per layer."""
+    shapes = {name: info.shape for name, info in plan.base.layer(0).items()}
+    return mlp_channels(shapes, f"model {plan.base.name!r}").size
 
 
 def _images(images: dict[str, str]) -> str:
@@ -275,6 +318,10 @@ def _evaluation(evaluation: Any) -> str:
     from tailorkit.eval.compare import Evaluation, render_tables
 
     data = evaluation.to_dict() if isinstance(evaluation, Evaluation) else dict(evaluation)
+    if _compared_speed(data):
+        data.pop("speed")  # the size table shows it
+    if not (data.get("tasks") or data.get("perplexity") or data.get("speed")):
+        return ""
     text = render_tables(data)
     settings = data.get("settings", {})
     notes = []
@@ -344,8 +391,9 @@ def make_model_card(
     name = title or f"{_short_name(base_ref)} tailored to {plan.num_layers} layers"
     body = [f"# {name}"]
     body.append(
-        f"A depth-compressed copy of {_name_ref(base_ref)}: {plan.num_layers} of its "
-        f"{plan.base.num_layers} transformer layers remain "
+        f"A {'depth- and width-' if plan.recipe.width else 'depth-'}compressed copy of "
+        f"{_name_ref(base_ref)}: {plan.num_layers} of its "
+        f"{plan.base.num_layers} transformer layers remain{_width_clause(plan)} "
         f"({plan.removed_layer_fraction:.1%} of the layers and "
         f"{plan.removed_parameter_fraction:.1%} of the parameters removed), built with "
         f"[tailorkit](https://pypi.org/project/tailorkit/) {__version__} from the recipe in "
@@ -372,7 +420,7 @@ def make_model_card(
             )
         )
     body.append("## Size")
-    body.append(_size_table(plan))
+    body.append(_size_table(plan, _compared_speed(evaluation)))
     body.append("## Source models")
     body.append(_sources_table(plan))
     body.append("## Layer provenance")
@@ -392,9 +440,10 @@ def make_model_card(
     if images:
         body.append("## Figures")
         body.append(_images(images))
-    if evaluation:
+    evaluated = _evaluation(evaluation) if evaluation else ""
+    if evaluated:
         body.append("## Evaluation")
-        body.append(_evaluation(evaluation))
+        body.append(evaluated)
     if report:
         rendered = _report(report)
         if rendered:

@@ -199,6 +199,18 @@ def _setting(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), yaml.safe_load(value)
 
 
+def _width_share(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}")
+    return share
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from tailorkit.methods import METHODS
     from tailorkit.prune import prune
@@ -225,6 +237,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         method=args.method,
         candidates=args.candidate,
         bridge=args.bridge,
+        width_share=args.width_share,
         **_calibration(args),
         **settings,
     )
@@ -259,6 +272,20 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
             f"held-back error {fit['error']:.3f}, {fit['error_without']:.3f} without; {verdict}",
             file=sys.stderr,
         )
+    width = result.report.get("width")
+    for split in width["splits"] if width else []:
+        chosen = " (chosen)" if split["share"] == width["share"] else ""
+        print(
+            f"  width share {split['share']:.2f}: {split['layers']} layers, "
+            f"{split['intermediate_size']} MLP channels, KL {split['kl']:.4f}{chosen}",
+            file=sys.stderr,
+        )
+    if width:
+        print(
+            f"  width: every layer keeps {width['intermediate_size']} of its "
+            f"{width['base_intermediate_size']} MLP channels",
+            file=sys.stderr,
+        )
     if args.recipe:
         result.recipe.to_yaml(args.recipe)
         print(f"wrote {args.recipe}", file=sys.stderr)
@@ -270,7 +297,8 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
     if not (args.out or args.recipe):
         if result.recipe.tensors is not None:
             raise TailorkitError(
-                "the recipe has fitted tensors (bridges), which YAML on stdout cannot carry: "
+                "the recipe has fitted tensors (bridges, kept channels), which YAML on stdout "
+                "cannot carry: "
                 "give --recipe FILE or --out DIR"
             )
         print(result.recipe.to_yaml(), end="")
@@ -480,6 +508,15 @@ def _add_analysis_commands(sub) -> None:
         action="store_true",
         help="then fit a linear bridge after every run of removed layers (see `bridge`)",
     )
+    pr.add_argument(
+        "--width-share",
+        type=_width_share,
+        metavar="S|auto",
+        help="share of the removed parameters taken by width pruning (every layer's MLP keeps "
+        "the same number of its most important channels): 0 = depth only (default), 1 = width "
+        "only, auto = the best of a few splits by KL on the calibration text; needs "
+        "--target-ratio",
+    )
     _output_args(pr)
     _calibration_args(pr)
     pr.set_defaults(func=_cmd_prune)
@@ -519,7 +556,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _writable("--json", args.json)
     tasks = args.tasks
-    if not args.ppl and not tasks:
+    if not args.ppl and not tasks and not args.speed:
         tasks = "tk_next_line"
         print("no --ppl or --tasks: running the offline suite tk_next_line", file=sys.stderr)
     result = evaluate(
@@ -535,6 +572,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         task_paths=args.task_path,
+        speed=args.speed,
+        speed_prompt_tokens=args.speed_prompt_tokens,
+        speed_new_tokens=args.speed_new_tokens,
+        speed_repeats=args.speed_repeats,
     )
     print(result.table())
     if args.json:
@@ -563,7 +604,8 @@ def _add_publish_commands(sub) -> None:
     from tailorkit.recipe import DTYPES
 
     e = sub.add_parser(
-        "eval", help="perplexity and zero-shot tasks (lm-eval), optionally against the dense model"
+        "eval",
+        help="perplexity, zero-shot tasks (lm-eval) and speed, optionally against the dense model",
     )
     e.add_argument("model", help="built checkpoint directory, recipe file, or model reference")
     e.add_argument(
@@ -572,8 +614,8 @@ def _add_publish_commands(sub) -> None:
     e.add_argument(
         "--tasks",
         help="comma-separated lm-eval tasks or groups; offline: tk_next_line (= "
-        "tk_next_line_prose,tk_next_line_verse,tk_next_line_code); default without --ppl: "
-        "tk_next_line",
+        "tk_next_line_prose,tk_next_line_verse,tk_next_line_code); default without --ppl "
+        "and --speed: tk_next_line",
     )
     e.add_argument("--limit", type=_at_least(1), help="at most N documents per task")
     e.add_argument("--compare", metavar="BASE", help="also evaluate the dense model BASE")
@@ -602,6 +644,30 @@ def _add_publish_commands(sub) -> None:
         action="append",
         metavar="DIR",
         help="a folder of lm-eval task YAMLs (repeatable)",
+    )
+    e.add_argument(
+        "--speed",
+        action="store_true",
+        help="also measure prefill and decode tokens/s (with --compare: both models, in turn, "
+        "and the speed-up); alone: speed only",
+    )
+    e.add_argument(
+        "--speed-prompt-tokens",
+        type=_at_least(1),
+        default=512,
+        help="prompt length of the speed test (default 512)",
+    )
+    e.add_argument(
+        "--speed-new-tokens",
+        type=_at_least(1),
+        default=64,
+        help="tokens decoded in the speed test (default 64)",
+    )
+    e.add_argument(
+        "--speed-repeats",
+        type=_at_least(1),
+        default=3,
+        help="timed runs of the speed test, median reported (default 3)",
     )
     e.set_defaults(func=_cmd_eval)
 

@@ -12,6 +12,7 @@ arguments of its *source* layer, from the recorded state where the change begins
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class Step:
 
     source: int
     params: Mapping[str, torch.Tensor] | None = None
+    nbytes: int = 0  # memory the params hold of their own (views of mapped shards: none)
 
 
 @dataclass
@@ -116,7 +118,8 @@ class DecoderStack:
             if step.params is None:
                 out = module(state, **kw)
             else:
-                out = torch.func.functional_call(module, dict(step.params), (state,), kw)
+                with _conv1d_sizes(module, step.params):
+                    out = torch.func.functional_call(module, dict(step.params), (state,), kw)
             state = _hidden(out)
         return state
 
@@ -163,3 +166,22 @@ def _final_norm(parent: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module):
             return module
     return None
+
+
+@contextlib.contextmanager
+def _conv1d_sizes(module: nn.Module, params: Mapping[str, torch.Tensor]):
+    """GPT-2's Conv1D reshapes its output to its stored width ``nf``, not its weight's: with
+    width-pruned weights (fewer MLP channels) it must say the new width while they run."""
+    changed = []
+    for name, sub in module.named_modules():
+        weight = params.get(f"{name}.weight" if name else "weight")
+        nf = getattr(sub, "nf", None)
+        if isinstance(nf, int) and weight is not None and weight.dim() == 2:
+            if weight.shape[1] != nf:
+                changed.append((sub, nf))
+                sub.nf = weight.shape[1]
+    try:
+        yield
+    finally:
+        for sub, nf in changed:
+            sub.nf = nf

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -87,6 +88,50 @@ def _slerp(layer, inputs, base) -> Combination:
     ]
 
 
+@dataclass(frozen=True, eq=False)
+class Gather:
+    """Keep only ``index`` along ``axis`` of a tensor (width pruning's kept MLP channels).
+
+    A 1-D tensor (a bias) is gathered as a column. Every method but TIES is a weighted sum
+    of its inputs, elementwise, so gathering commutes with it: the inputs are gathered a
+    chunk of output rows at a time, straight from the mapped shards, and merged in the same
+    pass (``ops.gather_weighted_sum``).
+    """
+
+    index: torch.Tensor  # (N,) int64, ascending
+    axis: int
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        out = list(shape)
+        out[self.axis] = len(self.index)
+        return tuple(out)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(self.axis, self.index.to(t.device))
+
+    def chunks(
+        self,
+        tensors: Sequence[torch.Tensor],
+        coefficients: Sequence[float],
+        out_dtype: torch.dtype,
+        chunk_elements: int | None,
+    ) -> Iterator[torch.Tensor]:
+        """``sum_i c_i gather(t_i)``, flattened, in chunks of whole output rows."""
+        mats = [t.reshape(t.shape[0], -1) for t in tensors]  # (R, C): a bias is (R, 1)
+        index = self.index.to(mats[0].device)
+        rows, cols = self.shape(mats[0].shape)
+        step = max(1, (chunk_elements or rows * cols) // max(cols, 1))
+        for start in range(0, rows or 1, step):
+            if self.axis == 0:  # rows of the sources: only those are read
+                part = ops.gather_weighted_sum(
+                    mats, coefficients, index[start : start + step], 0, out_dtype
+                )
+            else:  # a block of rows of each source, its kept columns
+                block = [m[start : start + step] for m in mats]
+                part = ops.gather_weighted_sum(block, coefficients, index, 1, out_dtype)
+            yield part.reshape(-1)
+
+
 def merge_chunks(
     layer: OutputLayer,
     inputs: Sequence[torch.Tensor],
@@ -95,18 +140,29 @@ def merge_chunks(
     *,
     where: str,
     chunk_elements: int | None = CHUNK_ELEMENTS,
+    gather: Gather | None = None,
 ) -> Iterator[torch.Tensor]:
     """The flattened output tensor, in order, a chunk at a time; ``where`` names it in errors.
 
-    The build writes each chunk as it comes, so its memory stays near one chunk.
+    The build writes each chunk as it comes, so its memory stays near one chunk. ``gather``:
+    only these channels of the output are made.
     """
     if layer.method == "ties":
         thresholds = ops.ties_thresholds(base, list(inputs), layer.param("density"))
         result = ops.ties_merge(base, list(inputs), thresholds, layer.param("lambda"), out_dtype)
+        if gather is not None:  # TIES's threshold is over the whole tensor: gather after
+            result = gather.apply(result)
         check_finite(result, where)
         yield result.reshape(-1)
         return
     tensors, coefficients = LINEAR_METHODS[layer.method](layer, inputs, base)
+    if gather is not None:
+        for chunk in gather.chunks(tensors, coefficients, out_dtype, chunk_elements):
+            if layer.method != "passthrough":
+                check_finite(chunk, where)
+            yield chunk
+            del chunk
+        return
     flat = [t.reshape(-1) for t in tensors]
     n = flat[0].numel()
     step = max(1, chunk_elements or n)
@@ -125,10 +181,14 @@ def merge_tensor(
     out_dtype: torch.dtype,
     *,
     where: str,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
     """Compute one whole output tensor (the in-memory path)."""
-    (flat,) = merge_chunks(layer, inputs, base, out_dtype, where=where, chunk_elements=None)
-    return flat.reshape(inputs[0].shape)
+    (flat,) = merge_chunks(
+        layer, inputs, base, out_dtype, where=where, chunk_elements=None, gather=gather
+    )
+    shape = inputs[0].shape
+    return flat.reshape(gather.shape(shape) if gather else shape)
 
 
 FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: check in slices

@@ -9,6 +9,10 @@ Every layer merge tailorkit performs reduces to one of two element-wise ops:
 * :func:`ties_merge` -- TIES-merging (trim, elect sign, disjoint mean) of K
   fine-tuned tensors against a base tensor.
 
+Width pruning adds :func:`gather_weighted_sum`: a weighted sum of the same
+rows (or columns) picked out of K 2-D tensors, gathered in the same pass, so
+the kept MLP channels are merged without copying whole source matrices.
+
 Both read each source element once and write each output element once, with
 float32 accumulation whatever the storage dtypes (float32 / bfloat16 / float16,
 mixed freely), because merging multi-GB checkpoints is bounded by memory
@@ -43,6 +47,7 @@ import torch
 __all__ = [
     "backend",
     "backend_reason",
+    "gather_weighted_sum",
     "hsic_all_pairs",
     "ties_merge",
     "ties_thresholds",
@@ -119,6 +124,10 @@ _declare(
     "Tensor(a!) out) -> ()"
 )
 _declare("hsic_all_pairs(Tensor grams) -> Tensor")
+_declare(
+    "gather_weighted_sum_out(Tensor[] sources, float[] weights, Tensor index, int dim, "
+    "Tensor(a!) out) -> ()"
+)
 
 # What the CUDA kernels were built for ("" when the extension has none). Asking
 # the extension does not initialise CUDA.
@@ -145,6 +154,10 @@ if _C is not None:
     @torch.library.register_fake("tailorkit::hsic_all_pairs", lib=_lib)
     def _hsic_all_pairs_fake(grams):
         return grams.new_empty((grams.shape[0], grams.shape[0]), dtype=torch.float64)
+
+    @torch.library.register_fake("tailorkit::gather_weighted_sum_out", lib=_lib)
+    def _gather_weighted_sum_out_fake(sources, weights, index, dim, out):
+        return None
 
 
 def backend() -> str:
@@ -221,8 +234,14 @@ def _check_dtype(dtype: torch.dtype, what: str) -> None:
         )
 
 
-def _check_sources(sources: Sequence[torch.Tensor], scalars: Sequence[float], name: str):
-    """Validate the sources and their per-source scalars; return contiguous sources."""
+def _check_sources(
+    sources: Sequence[torch.Tensor],
+    scalars: Sequence[float],
+    name: str,
+    contiguous: bool = True,
+):
+    """Validate the sources and their per-source scalars; return the sources (made
+    contiguous unless ``contiguous=False``) and the scalars as floats."""
     if len(sources) == 0:
         raise ValueError("a merge needs at least one source tensor, got none")
     if len(scalars) != len(sources):
@@ -245,7 +264,9 @@ def _check_sources(sources: Sequence[torch.Tensor], scalars: Sequence[float], na
                 f"source {i} is on {s.device} but source 0 is on {device}: "
                 "put every tensor of a merge on the same device"
             )
-    return [s.contiguous() for s in sources], [float(x) for x in scalars]
+    if contiguous:
+        sources = [s.contiguous() for s in sources]
+    return list(sources), [float(x) for x in scalars]
 
 
 def _check_out(
@@ -324,6 +345,129 @@ def _weighted_sum_reference(
     acc = sources[0].float() * weights[0]
     for s, w in zip(sources[1:], weights[1:]):
         acc = acc + s.float() * w
+    if out is None:
+        return acc.to(out_dtype)
+    return out.copy_(acc)
+
+
+# --------------------------------------------------------------------------
+# gather_weighted_sum (width pruning)
+# --------------------------------------------------------------------------
+
+
+def gather_weighted_sum(
+    sources: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    index: torch.Tensor,
+    dim: int,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return ``weighted_sum([s.index_select(dim, index) for s in sources], weights, out_dtype)``.
+
+    Width pruning keeps a subset of each MLP's intermediate channels: rows
+    (``dim=0``) of the gate/up projections and columns (``dim=1``) of the down
+    projection, merged over several source models. This does the gather, the
+    weighted sum and the cast in one pass: only the selected elements are
+    read, each output element is written once, and no gathered copy of any
+    source is made. The arithmetic is :func:`weighted_sum`'s: float32
+    products and sums in source order ``i = 0 .. K-1``, one cast at the end,
+    so the result is bit for bit the formula above.
+
+    Args:
+        sources: K >= 1 2-D tensors of the same shape ``(R, C)``; each float32,
+            bfloat16 or float16 (dtypes may differ). A source whose rows are
+            contiguous (``stride(1) == 1``, e.g. a row slice ``s[r0:r1]`` or a
+            column slice ``s[:, c0:c1]`` of a contiguous matrix) is read in
+            place; any other is first copied with ``.contiguous()``.
+        weights: one weight per source.
+        index: 1-D int32 or int64 tensor on the sources' device, every value in
+            ``[0, R)`` for ``dim=0`` or ``[0, C)`` for ``dim=1``. Any order;
+            repeats are allowed; it may be empty.
+        dim: 0 to select rows (output ``(len(index), C)``) or 1 to select
+            columns (output ``(R, len(index))``).
+        out_dtype: float32, bfloat16 or float16.
+        out: optional preallocated contiguous tensor of the output's shape,
+            ``out_dtype`` and device, written in place; it must not overlap
+            any source.
+
+    Returns:
+        ``out`` if given, else a new tensor.
+
+    The compiled kernel is CPU only: CUDA tensors (and every input when the
+    extension is not in use) take :func:`_gather_weighted_sum_reference`,
+    which gives the same values but makes a gathered copy of one source at a
+    time.
+    """
+    sources, weights = _check_sources(sources, weights, "weights", contiguous=False)
+    shape, device = sources[0].shape, sources[0].device
+    if isinstance(dim, bool) or dim not in (0, 1):
+        raise ValueError(f"dim must be 0 (select rows) or 1 (select columns), got {dim!r}")
+    if len(shape) != 2:
+        raise ValueError(
+            f"gather_weighted_sum takes 2-D (R, C) sources, but they have shape {tuple(shape)}"
+        )
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index is a {type(index).__name__}, not a torch.Tensor")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"index has dtype {index.dtype}; it must be an int32 or int64 tensor of positions"
+        )
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(
+            f"index is on {index.device} but the sources are on {device}: "
+            "put every tensor of a merge on the same device"
+        )
+    size = shape[dim]
+    _check_index_range(index, dim, size)
+    out_shape = torch.Size((index.numel(), shape[1]) if dim == 0 else (shape[0], index.numel()))
+    _check_out(out, out_shape, out_dtype, device)
+    # The kernel reads rows in place given their stride; only a source whose
+    # elements within a row are not adjacent needs a copy.
+    sources = [s if s.shape[1] <= 1 or s.stride(1) == 1 else s.contiguous() for s in sources]
+    index = index.contiguous()
+    tensors = [*sources, index] if out is None else [*sources, index, out]
+    if not _use_kernel(tensors, "gather_weighted_sum_out"):
+        return _gather_weighted_sum_reference(sources, weights, index, dim, out_dtype, out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=out_dtype, device=device)
+    torch.ops.tailorkit.gather_weighted_sum_out(sources, weights, index, dim, out)
+    return out
+
+
+def _check_index_range(index: torch.Tensor, dim: int, size: int) -> None:
+    """Raise a ValueError naming the first index value outside ``[0, size)``."""
+    if index.numel() == 0:
+        return
+    low, high = torch.aminmax(index)
+    if int(low) >= 0 and int(high) < size:
+        return
+    position = int(((index < 0) | (index >= size)).nonzero()[0, 0])
+    raise ValueError(
+        f"index[{position}] = {int(index[position])} is out of range for dim {dim} of the "
+        f"sources, which has size {size}: every index must be in [0, {size})"
+    )
+
+
+def _gather_weighted_sum_reference(
+    sources: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    index: torch.Tensor,
+    dim: int,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch :func:`gather_weighted_sum`; the kernel must match it bit for bit.
+
+    The arithmetic of :func:`_weighted_sum_reference` (separate float32
+    multiply and add, weights rounded to float32) on ``index_select``-ed
+    sources, gathered one at a time so that only one gathered copy is alive.
+    """
+    acc = sources[0].index_select(dim, index).float() * weights[0]
+    for s, w in zip(sources[1:], weights[1:]):
+        acc = acc + s.index_select(dim, index).float() * w
     if out is None:
         return acc.to(out_dtype)
     return out.copy_(acc)

@@ -15,11 +15,17 @@ from typing import Any
 
 import torch
 
-from tailorkit.checkpoint.architecture import get_path, mlp_output, set_path
+from tailorkit.checkpoint.architecture import (
+    get_path,
+    intermediate_key,
+    mlp_channels,
+    mlp_output,
+    set_path,
+)
 from tailorkit.checkpoint.safetensors_format import TensorInfo
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
-from tailorkit.merge import check_finite, merge_chunks, merge_tensor
+from tailorkit.merge import Gather, check_finite, merge_chunks, merge_tensor
 from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
@@ -62,6 +68,7 @@ class TensorJob:
     base: Input | None = None
     out_index: int | None = None  # output layer index, None for embeddings / head
     fold: Fold | None = None  # a bridge applied after the merge
+    gather: Gather | None = None  # the MLP channels kept (width pruning)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +82,8 @@ class TensorJob:
     def is_raw_copy(self) -> bool:
         """A passthrough whose bytes do not change: copied without decoding."""
         same = self.inputs[0].info.dtype == self.dtype
-        return self.layer.method == "passthrough" and same and self.fold is None
+        plain = self.fold is None and self.gather is None
+        return self.layer.method == "passthrough" and same and plain
 
     @property
     def where(self) -> str:
@@ -98,8 +106,13 @@ class TensorJob:
     def merge(self, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         """The whole output tensor from its inputs' tensors (mapped views, or device copies)."""
         if self.fold is None:
-            return merge_tensor(self.layer, inputs, base, self.dtype, where=self.where)
-        merged = merge_tensor(self.layer, inputs, base, torch.float32, where=self.where)
+            return merge_tensor(
+                self.layer, inputs, base, self.dtype, where=self.where, gather=self.gather
+            )
+        # Kept channels are rows or columns the fold does not mix: gather first, it is less.
+        merged = merge_tensor(
+            self.layer, inputs, base, torch.float32, where=self.where, gather=self.gather
+        )
         return self.fold.apply(merged, self.dtype, self.where)
 
     def chunks(self):
@@ -108,8 +121,9 @@ class TensorJob:
         if self.fold is not None:
             return iter([self.compute().reshape(-1)])
         base = self.base.view() if self.base else None
+        inputs = [i.view() for i in self.inputs]
         return merge_chunks(
-            self.layer, [i.view() for i in self.inputs], base, self.dtype, where=self.where
+            self.layer, inputs, base, self.dtype, where=self.where, gather=self.gather
         )
 
     def check_unchanged(self) -> None:
@@ -119,7 +133,10 @@ class TensorJob:
             i.source.check_unchanged(i.info.file)
 
     def release(self, start: int = 0, end: int | None = None) -> None:
-        """Drop the mapped source pages behind output elements [start, end) (all by default)."""
+        """Drop the mapped source pages behind output elements [start, end) (all by default).
+        A gathered tensor's output does not map onto its sources' layout: all at the end."""
+        if self.gather is not None and (start, end) != (0, None):
+            return
         for i in self.all_inputs():
             size = i.info.dtype.itemsize
             i.source.release(i.info, start * size, None if end is None else end * size)
@@ -169,10 +186,12 @@ class Plan:
             s.check_unchanged()
 
     def summary(self) -> str:
+        width = self.recipe.width
         return (
             f"{self.num_layers} layers (base has {self.base.num_layers}; "
             f"{self.removed_layer_fraction:.1%} removed), "
-            f"{self.num_parameters:,} parameters ({self.removed_parameter_fraction:.1%} removed), "
+            + (f"{width.intermediate_size} MLP channels per layer, " if width else "")
+            + f"{self.num_parameters:,} parameters ({self.removed_parameter_fraction:.1%} removed), "
             f"dtype {str(self.dtype).removeprefix('torch.')}"
         )
 
@@ -207,6 +226,8 @@ def make_plan(
     for name in base.arch.head_tensors:
         jobs.append(_passthrough_job(name, sources[recipe.head_model], base, out_dtype))
     config = _output_config(base, sources, layers, out_dtype)
+    if recipe.width is not None:
+        set_path(config, intermediate_key(base.config, "width"), recipe.width.intermediate_size)
     return Plan(recipe, sources, jobs, config, out_dtype, layers)
 
 
@@ -292,23 +313,53 @@ def layer_jobs(
             where, f"{model}[{index}]", layer_tensors, f"{base.name}[layer layout]", reference
         )
     folds = _folds(layer, first, fitted or {}, where)
+    gathers = _gathers(layer, first, where)
     jobs = {}
     for rest, info in first.items():
         inputs = tuple(Input(sources[m], t[rest]) for (m, _), t in zip(layer.sources, tensors))
         base_input = Input(sources[layer.base[0]], tensors[-1][rest]) if layer.base else None
         name = base.arch.layer_name(out_index, rest)
         job_layer = layer if info.dtype.is_floating_point else PASSTHROUGH
+        gather = gathers.get(rest)
         jobs[rest] = TensorJob(
             name,
-            info.shape,
+            gather.shape(info.shape) if gather else info.shape,
             _out_dtype(info, dtype),
             job_layer,
             inputs,
             base_input,
             out_index,
             folds.get(rest),
+            gather,
         )
     return jobs
+
+
+def _gathers(layer: OutputLayer, tensors: dict[str, TensorInfo], where: str) -> dict[str, Gather]:
+    """The tensors of ``layer`` that keep only its channels, by name inside the layer."""
+    if layer.channels is None:
+        return {}
+    try:
+        mlp = mlp_channels({name: info.shape for name, info in tensors.items()}, where)
+    except CheckpointError as e:
+        raise RecipeError(f"width: {e}") from None
+    index = layer.channels.index
+    if len(index) > mlp.size:
+        raise RecipeError(
+            f"width.intermediate_size: {len(index)} is more than the {mlp.size} MLP channels "
+            f"of {where}; width pruning keeps fewer channels, never more"
+        )
+    if len(index) and int(index[-1]) >= mlp.size:
+        raise RecipeError(
+            f"width.channels: {where} keeps channel {int(index[-1])}, but its MLP has "
+            f"{mlp.size} (0-{mlp.size - 1})"
+        )
+    out = {}
+    for name, (axis, copies) in mlp.axes.items():
+        # A fused projection holds the channels `copies` times, one block after another.
+        kept = torch.cat([index + k * mlp.size for k in range(copies)])
+        out[name] = Gather(kept, axis)
+    return out
 
 
 def _folds(

@@ -4,15 +4,17 @@ of any plan; both return a PruneResult."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tailorkit import bridges
+from tailorkit import width as widths
 from tailorkit.calibration import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_NUM_WINDOWS,
@@ -24,11 +26,12 @@ from tailorkit.devices import resolve_device
 from tailorkit.errors import MethodError
 from tailorkit.methods import METHODS, Context, get_method
 from tailorkit.methods.registry import MethodResult, MethodSpec, Settings
+from tailorkit.objectives import Logits
 from tailorkit.plan import Plan
 from tailorkit.recipe import Recipe
 from tailorkit.result import PruneResult
 from tailorkit.similarity import cka_matrix, plot_heatmap
-from tailorkit.trials import RunnerConfig, TrialRunner
+from tailorkit.trials import RunnerConfig, TrialRunner, keep
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ def prune(
     offload: bool | str | None = None,
     progress: bool = True,
     bridge: bool = False,
+    width_share: float | str | None = None,
     **settings: Any,
 ) -> PruneResult:
     """Compress ``base`` depth-wise with ``method`` and return the plan with its report.
@@ -62,6 +66,12 @@ def prune(
     method's settings, with defaults and ranges, are listed by ``tailorkit prune --help``
     and checked before any model is loaded. ``bridge=True`` then fits a linear bridge
     after every run of removed layers (:mod:`tailorkit.bridges`) on the same windows.
+
+    ``width_share``: the share of the removed parameters that width pruning takes
+    (:mod:`tailorkit.width`: every layer's MLP keeps the same number of its most important
+    channels), the rest going to ``method`` as depth; 0 (or None) is depth only, 1 width
+    only, ``"auto"`` scores the splits in ``tailorkit.width.SPLITS`` on the calibration
+    windows (KL from the dense model) and keeps the best.
     """
     spec = get_method(method)
     base = str(base)  # a Path names a folder as a string does
@@ -71,6 +81,7 @@ def prune(
     if candidates and not spec.takes_candidates:
         takers = ", ".join(name for name, m in METHODS.items() if m.takes_candidates)
         raise MethodError(f"method {method!r} prunes one model; candidates are for {takers}")
+    width = _width_request(spec, width_share, settings)
     checked = spec.parse(settings)
     runner = TrialRunner.calibrate(
         base,
@@ -92,6 +103,7 @@ def prune(
             Context(runner, Path(scratch.name), list(candidates or []), seed),
             bridge,
             calibration,
+            width,
         )
     except BaseException:
         scratch.cleanup()
@@ -99,16 +111,64 @@ def prune(
     return PruneResult(result.recipe, report, result.images, files=result.files, scratch=scratch)
 
 
+@dataclass(frozen=True)
+class _WidthRequest:
+    """What ``width_share`` asks: the total ratio, the shares to try, the method's settings
+    (each share gives depth its own target_ratio)."""
+
+    target: float
+    shares: tuple[float, ...]
+    settings: dict[str, Any]
+
+
+def _width_request(
+    spec: MethodSpec, width_share: float | str | None, settings: dict[str, Any]
+) -> _WidthRequest | None:
+    """``width_share`` checked (before any model is loaded), or None for depth only."""
+    if width_share is None:
+        return None
+    if width_share == "auto":
+        shares = widths.SPLITS
+    else:
+        try:
+            share = float(width_share)
+        except (TypeError, ValueError):
+            share = math.nan
+        if not 0 <= share <= 1:
+            raise MethodError(
+                f"width_share must be a number in [0, 1] or 'auto', got {width_share!r}"
+            )
+        if share == 0:
+            return None
+        shares = (share,)
+    target = settings.get("target_ratio")
+    if target is None:
+        raise MethodError(
+            "width_share splits a parameter budget between depth and width: give target_ratio"
+        )
+    for share in shares:  # each depth share is a valid setting of the method
+        if share < 1:
+            spec.parse(settings | {"target_ratio": target * (1 - share)})
+    return _WidthRequest(float(target), shares, dict(settings))
+
+
 def _run(
-    spec: MethodSpec, checked: Settings, ctx: Context, bridge: bool, calibration: Any
+    spec: MethodSpec,
+    checked: Settings,
+    ctx: Context,
+    bridge: bool,
+    calibration: Any,
+    width: _WidthRequest | None = None,
 ) -> tuple[MethodResult, dict[str, Any]]:
     """The method, its bridges and the report: what :func:`prune` does once calibrated."""
     runner, base = ctx.runner, ctx.base
-    result = spec.run(ctx, checked)
-    recipe, extra = result.recipe, {}
-    if bridge:
-        same = recipe.models == {runner.config.base_name: base}
-        recipe, extra = _bridged(recipe, runner if same else None, runner.config)
+    if width is None:
+        result = spec.run(ctx, checked)
+        recipe, extra = result.recipe, {}
+        if bridge:
+            recipe, extra = _bridged(recipe, _runner_on(recipe, runner), runner.config)
+    else:
+        result, recipe, extra = _split(spec, ctx, bridge, width)
 
     cka = cka_matrix(runner.activations.outputs(skip_sinks=True))
     title = f"linear CKA of layer outputs, sink tokens left out: {runner.base.path.name}"
@@ -130,6 +190,89 @@ def _run(
     }
     log.info("%s: %s", spec.name, plan.summary())
     return replace(result, recipe=recipe, images=images), report
+
+
+def _split(
+    spec: MethodSpec, ctx: Context, bridge: bool, width: _WidthRequest
+) -> tuple[MethodResult, Recipe, dict[str, Any]]:
+    """Depth by ``spec`` and width together, for each share asked; the best by KL from the
+    dense model on the calibration windows when there are several. Bridges, if asked, are
+    fitted on the chosen split only: a bridge is named after its layer, and splits that
+    bridge the same layer differently cannot share one runner's caches."""
+    runner, base = ctx.runner, ctx.runner.base
+    several = len(width.shares) > 1
+    fit, held = widths.held_back(len(runner.traces)) if several else (None, None)
+    tried = []
+    for share in width.shares:
+        depth = widths.depth_ratio(base, width.target * (1 - share))
+        if depth is None:  # width alone: every layer kept
+            layers = [keep(i, runner.config.base_name) for i in range(base.num_layers)]
+            result = MethodResult(ctx.recipe(layers))
+        else:
+            result = spec.run(ctx, spec.parse(width.settings | {"target_ratio": depth}))
+        on = _runner_on(result.recipe, runner, runner.config)
+        plan = result.recipe.plan()
+        remove = width.target * plan.base_parameters - (plan.base_parameters - plan.num_parameters)
+        kept = widths.channels_per_layer(base)  # share 0: depth only, as width_share=0 is
+        if share > 0:
+            kept = widths.kept_channels(base, plan.num_layers, remove)
+        recipe = _narrowed(result.recipe, on, kept, fit)
+        plan = recipe.plan()
+        row = {
+            "share": share,
+            "depth_ratio": depth or 0.0,
+            "layers": plan.num_layers,
+            "intermediate_size": kept,
+            "removed_parameter_fraction": plan.removed_parameter_fraction,
+        }
+        if several:
+            row["kl"] = on.score(recipe, Logits(), batches=held)
+            log.info("width share %.2f: %s, KL %.4f", share, plan.summary(), row["kl"])
+        tried.append((row, result, recipe, on))
+    row, result, recipe, on = min(tried, key=lambda t: t[0].get("kl", 0.0))
+    if several:  # the chosen split's channels, now from all the calibration windows
+        recipe = _narrowed(result.recipe, on, row["intermediate_size"])
+    extra = {}
+    if bridge:
+        recipe, extra = _bridged(recipe, on, runner.config)
+    report = {
+        "share": row["share"],
+        "intermediate_size": row["intermediate_size"],
+        "base_intermediate_size": widths.channels_per_layer(base),
+        "importance": widths.IMPORTANCE,
+        "splits": [t[0] for t in tried] if several else [],
+        "scored_on_batches": held or [],
+    }
+    return result, recipe, extra | {"width": report}
+
+
+def _narrowed(recipe: Recipe, runner: TrialRunner, kept: int, batches=None) -> Recipe:
+    """``recipe`` with every layer keeping its ``kept`` most important MLP channels
+    (importance on the calibration ``batches``); unchanged when that is all of them, as
+    when depth's rounding already removed the whole budget."""
+    if kept >= widths.channels_per_layer(runner.base):
+        return recipe
+    progress = runner.config.progress
+    return recipe.with_layers(
+        widths.with_width(runner, recipe.output_layers(), kept, progress, batches)
+    )
+
+
+def _runner_on(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig | None = None):
+    """``runner`` when the recipe is made of its base alone, else None (or, given
+    ``config``, a runner opened on the recipe's models)."""
+    if runner is not None and recipe.models == {runner.config.base_name: runner.config.base}:
+        return runner
+    if config is None:
+        return None
+    return bridges.runner_for(
+        recipe,
+        config.windows,
+        batch_size=config.batch_size,
+        offload=config.offload,
+        progress=config.progress,
+        device=config.device,
+    )
 
 
 def bridge(
@@ -169,15 +312,7 @@ def bridge(
 
 def _bridged(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig):
     """``recipe`` bridged on ``runner`` (or one opened on its models, as ``config`` says)."""
-    if runner is None:
-        runner = bridges.runner_for(
-            recipe,
-            config.windows,
-            batch_size=config.batch_size,
-            offload=config.offload,
-            progress=config.progress,
-            device=config.device,
-        )
+    runner = runner or _runner_on(recipe, None, config)
     bridged, fits = bridges.fit_bridges(runner, recipe, progress=config.progress)
     return bridged, {"bridges": bridges.report(fits)}
 

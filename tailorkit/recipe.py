@@ -36,6 +36,7 @@ from tailorkit.errors import RecipeError, validation_message
 from tailorkit.version import __version__
 
 FITTED_FILE = "recipe.safetensors"  # the tensors file's default name, beside the recipe
+WIDTH_TENSOR = "width.mlp"  # the fitted tensor of kept MLP channels a method writes
 BRIDGE = "fitted tensor T folded into this layer's MLP output projection (W <- T^T W)"
 MERGE_METHODS = ("passthrough", "linear", "task_arithmetic", "ties", "slerp", "laco")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -154,6 +155,44 @@ class TensorsFile(_Strict):
         return v
 
 
+class Width(_Strict):
+    """Uniform width pruning: every output layer's MLP keeps ``intermediate_size`` of its
+    channels, its own ones, listed in a fitted tensor."""
+
+    intermediate_size: int = Field(gt=0, description="MLP channels every output layer keeps")
+    channels: str = Field(
+        description="fitted int tensor (output layers x intermediate_size): the channels "
+        "each output layer keeps, ascending"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Channels:
+    """The MLP channels one output layer keeps: ascending int64 indices, compared and hashed
+    by content (so layers that keep the same channels share caches)."""
+
+    index: Any  # torch.Tensor (N,) int64
+    key: str
+
+    @classmethod
+    def of(cls, index: Any) -> Channels:
+        index = index.detach().to("cpu").long().contiguous()
+        digest = hashlib.sha256(index.numpy().tobytes()).hexdigest()[:16]
+        return cls(index, f"{len(index)}:{digest}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Channels) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"Channels({self.key})"
+
+
 _TAGS = ("Merge", "LayerRange", "LayerRef")
 
 
@@ -197,6 +236,7 @@ class OutputLayer:
     base: tuple[str, int] | None = None
     params: tuple[tuple[str, float], ...] = ()  # (name, value): lambda, density, t
     bridge: str | None = None  # a fitted tensor folded into the MLP output projection
+    channels: Channels | None = None  # the MLP channels kept (width pruning); None: all
 
     @property
     def first(self) -> tuple[str, int]:
@@ -244,6 +284,7 @@ class Recipe(_Strict):
     )
     dtype: Literal[DTYPES] | None = None
     tensors: TensorsFile | None = None
+    width: Width | None = None
     layers: list[LayerEntry] = Field(min_length=1)
     embeddings: str | None = None
     head: str | None = None
@@ -280,6 +321,11 @@ class Recipe(_Strict):
                     f"layers[{i}].bridge: {entry.bridge!r} names a fitted tensor, but the "
                     "recipe has no tensors file (tensors: {file, sha256})"
                 )
+        if self.width and self.tensors is None:
+            raise ValueError(
+                f"width.channels: {self.width.channels!r} names a fitted tensor, but the "
+                "recipe has no tensors file (tensors: {file, sha256})"
+            )
         return self
 
     # -- names ---------------------------------------------------------------------------
@@ -309,7 +355,37 @@ class Recipe(_Strict):
                 out.append(OutputLayer("passthrough", ref, bridge=entry.bridge))
             else:
                 out.append(replace(_expand_merge(entry), bridge=entry.bridge))
-        return out
+        if self.width is None:
+            return out
+        return [replace(layer, channels=c) for layer, c in zip(out, self._channels(len(out)))]
+
+    def _channels(self, num_layers: int) -> list[Channels]:
+        """Each output layer's kept channels, from the width tensor, checked."""
+        import torch
+
+        width = self.width
+        tensor = self.fitted().get(width.channels)
+        where = f"width.channels: {width.channels!r}"
+        if tensor is None:
+            have = ", ".join(sorted(self.fitted())) or "none"
+            raise RecipeError(f"{where} is not among the recipe's fitted tensors ({have})")
+        want = (num_layers, width.intermediate_size)
+        if tensor.dtype not in (torch.int32, torch.int64) or tuple(tensor.shape) != want:
+            raise RecipeError(
+                f"{where} is {tensor.dtype} of shape {list(tensor.shape)}; it must be int32 of "
+                f"shape {list(want)} (output layers x width.intermediate_size)"
+            )
+        rows = tensor.long()
+        if len(rows) and rows.shape[1] and int(rows.min()) < 0:
+            raise RecipeError(f"{where} has a negative channel index ({int(rows.min())})")
+        steps = rows[:, 1:] - rows[:, :-1]
+        if steps.numel() and int(steps.min()) <= 0:
+            layer, at = (int(i) for i in (steps <= 0).nonzero()[0])
+            raise RecipeError(
+                f"{where}: output layer {layer} lists channel {int(rows[layer, at + 1])} after "
+                f"{int(rows[layer, at])}; each row must be strictly ascending (no repeats)"
+            )
+        return [Channels.of(row) for row in rows]
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -333,13 +409,28 @@ class Recipe(_Strict):
         return cls._of(data, layers, fitted)
 
     def with_layers(self, layers: Sequence[OutputLayer], fitted: dict | None = None) -> Recipe:
-        """This recipe (models, base, dtype, embeddings, head) with ``layers`` instead."""
+        """This recipe (models, base, dtype, embeddings, head) with ``layers`` instead (their
+        kept channels become its width)."""
         data = self.to_dict()
         data.pop("tensors", None)
+        data.pop("width", None)
         return Recipe._of(data, layers, fitted)
 
     @classmethod
     def _of(cls, data: dict, layers: Sequence[OutputLayer], fitted: dict | None) -> Recipe:
+        fitted = dict(fitted or {})
+        widths = {len(layer.channels) if layer.channels else None for layer in layers}
+        if widths != {None}:
+            import torch
+
+            if len(widths) > 1:
+                raise RecipeError(
+                    "width: every output layer must keep the same number of MLP channels "
+                    f"(the config has one intermediate_size), got {sorted(widths, key=str)}"
+                )
+            n = widths.pop()
+            data = data | {"width": {"intermediate_size": n, "channels": WIDTH_TENSOR}}
+            fitted[WIDTH_TENSOR] = torch.stack([layer.channels.index for layer in layers]).int()
         entries: list[dict[str, Any]] = []
         for layer in layers:
             entry = layer.entry()

@@ -21,7 +21,7 @@ class PruneResult:
     recipe: Recipe
     report: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)  # caption -> PNG
-    evaluation: dict[str, Any] | None = None  # set by tailorkit.evaluate(..., compare=...)
+    evaluation: dict[str, Any] | None = None  # set by tailorkit.evaluate(result, ...)
     command: str | None = None  # the CLI line that produced it, for the model card
     files: dict[str, Path] = field(default_factory=dict)  # shipped too (e.g. the search log)
     scratch: Any = field(default=None, repr=False)  # a TemporaryDirectory the files live in

@@ -41,7 +41,10 @@ from tailorkit.recipe import OutputLayer, Recipe
 
 BASE = "base"  # the recorded model's name in trial layers
 DEFAULT_STATE_CACHE_BYTES = 1 << 30
-LAYER_CACHE_ENTRIES = 256
+# Layers whose parameters were computed (merged, gathered, bridged) are kept up to this
+# many bytes: at 7B scale one merged layer is ~800 MB in float32, and a width split makes
+# every layer one.
+DEFAULT_LAYER_CACHE_BYTES = 2 << 30
 SCORE_CACHE_ENTRIES = 1 << 16
 
 
@@ -110,6 +113,7 @@ class RunnerConfig:
     device: str | None = None  # where trials run: cpu (default), cuda, cuda:N
     threads: int | None = None  # torch threads; equal counts give equal floating-point sums
     state_cache_bytes: int = DEFAULT_STATE_CACHE_BYTES
+    layer_cache_bytes: int = DEFAULT_LAYER_CACHE_BYTES
     caches: bool = True  # off: every trial runs all its layers and merges (benchmarks)
     offload: bool | str | None = False  # recorded states on disk (see activations.capture)
     progress: bool = False
@@ -139,7 +143,7 @@ class TrialRunner:
         self.dtype, self.device = parameter.dtype, parameter.device
         self._identity = tuple(keep(i, config.base_name) for i in range(self.stack.num_layers))
         on = int(config.caches)
-        self._steps = LRU(LAYER_CACHE_ENTRIES * on)
+        self._steps = LRU(config.layer_cache_bytes * on, lambda step: step.nbytes)
         self._states = LRU(config.state_cache_bytes * on, lambda t: t.numel() * t.element_size())
         self._scores = LRU(SCORE_CACHE_ENTRIES * on)
         self._references: dict[tuple[str, int], Any] = {}
@@ -211,17 +215,20 @@ class TrialRunner:
                 layer.method == "passthrough"
                 and model == self.config.base_name
                 and not layer.bridge
+                and layer.channels is None
             ):
                 step = Step(depth)
             else:
-                step = Step(depth, self._parameters(layer))
+                params, nbytes = self._parameters(layer)
+                step = Step(depth, params, nbytes)
                 self.stats.merged_layers += 1
             self._steps.put(layer, step)
         return step
 
-    def _parameters(self, layer: OutputLayer) -> dict[str, torch.Tensor]:
+    def _parameters(self, layer: OutputLayer) -> tuple[dict[str, torch.Tensor], int]:
+        """The layer's parameters, and the bytes of those computed (not mapped views)."""
         jobs = layer_jobs(0, layer, self.sources, self.dtype, self.config.base_name, self.fitted)
-        params = {}
+        params, nbytes = {}, 0
         for name, _ in self.stack.layers[layer.first[1]].named_parameters():
             if name not in jobs:
                 raise MethodError(
@@ -229,7 +236,9 @@ class TrialRunner:
                     "model's layer module expects"
                 )
             params[name] = jobs[name].compute().to(self.device)
-        return params
+            mapped = jobs[name].is_raw_copy and self.device.type == "cpu"
+            nbytes += 0 if mapped else params[name].numel() * params[name].element_size()
+        return params, nbytes
 
     def recorded_prefix(self, layers: Sequence[OutputLayer]) -> int:
         """How many of ``layers`` are the base's own first layers: their output states are
@@ -264,13 +273,17 @@ class TrialRunner:
         trial: Recipe | Sequence[OutputLayer],
         objective: Objective | None = None,
         windows: int | None = None,
+        batches: Sequence[int] | None = None,
     ) -> float:
         """``objective`` (the runner's own by default) of the model whose decoder layers are
-        ``trial``, on the first ``windows`` calibration windows (all by default)."""
+        ``trial``, on the first ``windows`` calibration windows (all by default) or on the
+        calibration batches numbered ``batches``."""
         objective = objective or self.config.objective
         layers = tuple(trial.output_layers() if isinstance(trial, Recipe) else trial)
         self.stats.evaluations += 1
-        batches = range(self._batches(windows) if objective.per_batch else 0)
+        if batches is None:
+            batches = range(self._batches(windows))
+        batches = batches if objective.per_batch else ()
         parts = [self._batch_part(objective, b, layers) for b in batches]
         return objective.reduce(self, layers, parts)
 

@@ -303,6 +303,208 @@ def test_ties_thresholds_rejects_bad_density(density):
 
 
 # --------------------------------------------------------------------------
+# gather_weighted_sum
+# --------------------------------------------------------------------------
+
+needs_gather_kernel = pytest.mark.skipif(
+    not ops._has_kernel("gather_weighted_sum_out", "cpu"),
+    reason=f"no compiled CPU kernel for gather_weighted_sum_out: {ops.backend_reason()}",
+)
+
+GATHER_KS = [1, 2, 3]
+# (rows, cols, index kind, index dtype): a single element, odd sizes, a single
+# column and a single row, an empty index, repeats, and one large enough that
+# output rows span several kBlock blocks (dim 0) and several parallel tasks.
+GATHER_CASES = [
+    (1, 1, "all", torch.int64),
+    (7, 13, "ascending", torch.int32),
+    (33, 65, "unsorted", torch.int64),
+    (64, 1, "unsorted", torch.int32),
+    (1, 301, "unsorted", torch.int64),
+    (17, 9, "empty", torch.int64),
+    (19, 23, "repeated", torch.int32),
+    (130, 4099, "ascending", torch.int64),
+]
+GATHER_IDS = ["1x1", "7x13-asc", "33x65-unsorted", "64x1", "1x301", "empty", "repeats", "130x4099"]
+
+
+def gather_index(kind: str, size: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A 1-D index into a dimension of ``size``: every position, an ascending or
+    shuffled subset of about 2/3 of them (no repeats), none, or draws with repeats."""
+    keep = max(1, 2 * size // 3)
+    if kind == "all":
+        index = torch.arange(size)
+    elif kind == "ascending":
+        index = torch.randperm(size, generator=gen)[:keep].sort().values
+    elif kind == "unsorted":
+        index = torch.randperm(size, generator=gen)[:keep]
+    elif kind == "empty":
+        index = torch.empty(0, dtype=torch.int64)
+    elif kind == "repeated":
+        index = torch.randint(0, size, (size + 3,), generator=gen)
+    else:
+        raise ValueError(kind)
+    return index.to(dtype)
+
+
+def _gather_inputs(dim, k, src, case, gen):
+    rows, cols, kind, index_dtype = case
+    sources = [make((rows, cols), d, gen) for d in source_dtypes(src, k)]
+    index = gather_index(kind, (rows, cols)[dim], index_dtype, gen)
+    return sources, random_weights(k, gen), index
+
+
+def _gather_formula(sources, weights, index, dim, out_dtype):
+    """What gather_weighted_sum is defined to be."""
+    gathered = [s.index_select(dim, index) for s in sources]
+    return ops._weighted_sum_reference(gathered, weights, out_dtype)
+
+
+@needs_gather_kernel
+@pytest.mark.parametrize("case", GATHER_CASES, ids=GATHER_IDS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", GATHER_KS)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_weighted_sum_kernel_matches_reference(dim, k, src, out_dtype, case, gen):
+    sources, weights, index = _gather_inputs(dim, k, src, case, gen)
+    got = ops.gather_weighted_sum(sources, weights, index, dim, out_dtype)
+    want = ops._gather_weighted_sum_reference(sources, weights, index, dim, out_dtype)
+    rows, cols = sources[0].shape
+    assert got.dtype == out_dtype
+    assert got.shape == ((len(index), cols) if dim == 0 else (rows, len(index)))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", GATHER_CASES, ids=GATHER_IDS)
+@pytest.mark.parametrize("src", [*DTYPES, "mixed"], ids=[*DTYPE_IDS, "mixed"])
+@pytest.mark.parametrize("k", GATHER_KS)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_weighted_sum_is_index_select_then_weighted_sum(dim, k, src, case, gen):
+    """Both the reference and the public op (kernel or not) equal the defining formula."""
+    sources, weights, index = _gather_inputs(dim, k, src, case, gen)
+    out_dtype = DTYPES[(k + dim) % 3]
+    want = _gather_formula(sources, weights, index, dim, out_dtype)
+    got = ops._gather_weighted_sum_reference(sources, weights, index, dim, out_dtype)
+    assert torch.equal(got, want)
+    assert torch.equal(ops.gather_weighted_sum(sources, weights, index, dim, out_dtype), want)
+
+
+@pytest.mark.parametrize("layout", ["row-slice", "column-slice", "transposed"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_weighted_sum_reads_row_contiguous_views_in_place(dim, layout, gen, monkeypatch):
+    """The build passes row slices s[r0:r1]; any source whose rows are contiguous is
+    read where it lies, and only one with strided rows (a transpose) is copied."""
+    bigs = [make((40, 300), d, gen) for d in DTYPES]
+    if layout == "row-slice":
+        sources = [b[5:29] for b in bigs]  # (24, 300), contiguous
+    elif layout == "column-slice":
+        sources = [b[:, 17:250] for b in bigs]  # (40, 233), rows contiguous, not the tensor
+    else:
+        sources = [b.t() for b in bigs]  # (300, 40), stride(1) == 300
+    index = gather_index("unsorted", sources[0].shape[dim], torch.int64, gen)
+    weights = random_weights(3, gen)
+    want = _gather_formula(sources, weights, index, dim, torch.bfloat16)
+
+    copied = []
+    contiguous = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        result = contiguous(self, *args, **kwargs)
+        if result.data_ptr() != self.data_ptr():
+            copied.append(tuple(self.shape))
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    got = ops.gather_weighted_sum(sources, weights, index, dim, torch.bfloat16)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+    assert copied == ([tuple(sources[0].shape)] * 3 if layout == "transposed" else [])
+
+
+@pytest.mark.parametrize("path", ["public", "reference"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_weighted_sum_writes_out_in_place(path, dim, gen):
+    sources, weights, index = _gather_inputs(dim, 3, "mixed", GATHER_CASES[2], gen)
+    shape = (len(index), 65) if dim == 0 else (33, len(index))
+    out = torch.full(shape, float("nan"), dtype=torch.float16)
+    ptr = out.data_ptr()
+    fn = ops.gather_weighted_sum if path == "public" else ops._gather_weighted_sum_reference
+    result = fn(sources, weights, index, dim, torch.float16, out=out)
+    assert result is out and out.data_ptr() == ptr
+    assert torch.equal(out, _gather_formula(sources, weights, index, dim, torch.float16))
+
+
+@needs_gather_kernel
+def test_gather_weighted_sum_kernel_independent_of_thread_count(gen):
+    sources = [make((257, 4099), d, gen) for d in DTYPES]
+    weights = random_weights(3, gen)
+    threads = torch.get_num_threads()
+    for dim in (0, 1):
+        index = gather_index("unsorted", sources[0].shape[dim], torch.int64, gen)
+        try:
+            torch.set_num_threads(1)
+            single = ops.gather_weighted_sum(sources, weights, index, dim, torch.bfloat16)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(
+            single, ops.gather_weighted_sum(sources, weights, index, dim, torch.bfloat16)
+        )
+
+
+@needs_gather_kernel
+def test_gather_weighted_sum_kernel_checks_direct_calls():
+    """Called as torch.ops.tailorkit.* (skipping the Python checks) the kernel still
+    refuses to read out of bounds."""
+    source = torch.zeros(4, 6)
+    out = torch.empty(2, 6)
+    with pytest.raises(RuntimeError, match=r"index\[1\] = 4 is out of range"):
+        torch.ops.tailorkit.gather_weighted_sum_out([source], [1.0], torch.tensor([0, 4]), 0, out)
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        torch.ops.tailorkit.gather_weighted_sum_out(
+            [torch.zeros(6, 4).t()], [1.0], torch.tensor([0, 1]), 0, out
+        )
+
+
+def test_gather_weighted_sum_with_gradients_uses_the_reference():
+    a = torch.randn(5, 3, requires_grad=True)
+    out = ops.gather_weighted_sum([a], [2.0], torch.tensor([4, 0]), 0, torch.float32)
+    out.sum().backward()
+    assert torch.equal(
+        a.grad, torch.tensor([[2.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3, [2.0] * 3])
+    )
+
+
+def test_gather_weighted_sum_bad_inputs_are_explained():
+    a = torch.zeros(5, 3)
+    idx = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"index\[2\] = 5 is out of range for dim 0 .* size 5"):
+        ops.gather_weighted_sum([a], [1.0], torch.tensor([0, 4, 5, 1]), 0, torch.float32)
+    with pytest.raises(ValueError, match=r"index\[1\] = -1 .*dim 1 .* size 3"):
+        ops.gather_weighted_sum([a], [1.0], torch.tensor([2, -1]), 1, torch.float32)
+    with pytest.raises(ValueError, match="dim must be 0 .* or 1"):
+        ops.gather_weighted_sum([a], [1.0], idx, 2, torch.float32)
+    with pytest.raises(ValueError, match="dim must be 0 .* or 1"):
+        ops.gather_weighted_sum([a], [1.0], idx, True, torch.float32)
+    with pytest.raises(ValueError, match=r"2-D \(R, C\) sources.*\(2, 5, 3\)"):
+        ops.gather_weighted_sum([torch.zeros(2, 5, 3)], [1.0], idx, 0, torch.float32)
+    with pytest.raises(TypeError, match="index has dtype torch.float32.*int32 or int64"):
+        ops.gather_weighted_sum([a], [1.0], idx.float(), 0, torch.float32)
+    with pytest.raises(TypeError, match="index is a list"):
+        ops.gather_weighted_sum([a], [1.0], [0, 2], 0, torch.float32)
+    with pytest.raises(ValueError, match="index must be 1-D"):
+        ops.gather_weighted_sum([a], [1.0], idx[None], 0, torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        ops.gather_weighted_sum([a, torch.zeros(5, 4)], [1.0, 1.0], idx, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"out is a .* produces torch.float32 of shape \(2, 3\)"):
+        ops.gather_weighted_sum([a], [1.0], idx, 0, torch.float32, out=torch.empty(5, 2))
+    with pytest.raises(ValueError, match="out is a torch.float16"):
+        ops.gather_weighted_sum(
+            [a], [1.0], idx, 1, torch.float32, out=torch.empty(5, 2, dtype=torch.float16)
+        )
+
+
+# --------------------------------------------------------------------------
 # Input checks and dispatch
 # --------------------------------------------------------------------------
 

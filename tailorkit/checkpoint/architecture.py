@@ -137,7 +137,8 @@ MLP_OUTPUTS = (("mlp.down_proj", "left"), ("mlp.c_proj", "right"))
 
 
 def mlp_output(layer_tensors: Iterable[str], where: str) -> tuple[str, str | None, str]:
-    """(weight name, bias name or None, side) of a layer's MLP output projection."""
+    """(weight name, bias name or None, side) of a layer's MLP output projection, where a
+    bridge folds: an error where a norm follows the MLP."""
     names = set(layer_tensors)
     if "post_feedforward_layernorm.weight" in names:
         raise CheckpointError(
@@ -145,9 +146,98 @@ def mlp_output(layer_tensors: Iterable[str], where: str) -> tuple[str, str | Non
             "so a linear bridge cannot be folded into its output projection exactly; "
             "bridges are for architectures whose MLP output goes straight into the residual"
         )
+    return mlp_projection(names, where)
+
+
+def mlp_projection(layer_tensors: Iterable[str], where: str) -> tuple[str, str | None, str]:
+    """(weight name, bias name or None, side) of a layer's MLP output projection."""
+    names = set(layer_tensors)
     for prefix, side in MLP_OUTPUTS:
         if f"{prefix}.weight" in names:
             bias = f"{prefix}.bias" if f"{prefix}.bias" in names else None
             return f"{prefix}.weight", bias, side
     known = ", ".join(f"{p}.weight" for p, _ in MLP_OUTPUTS)
     raise CheckpointError(f"{where}: no MLP output projection to fold a bridge into ({known})")
+
+
+# The tensors of a layer's MLP with one axis over its intermediate channels, and which axis:
+# what width pruning gathers. A fused gate+up projection (Phi-3) holds the channels twice.
+MLP_CHANNEL_AXES = {
+    "mlp.gate_proj.weight": 0,  # Llama, Mistral, Qwen, Gemma: nn.Linear (out, in)
+    "mlp.gate_proj.bias": 0,
+    "mlp.up_proj.weight": 0,
+    "mlp.up_proj.bias": 0,
+    "mlp.down_proj.weight": 1,
+    "mlp.gate_up_proj.weight": 0,  # Phi-3: gate and up stacked, (2 x intermediate, hidden)
+    "mlp.c_fc.weight": 1,  # GPT-2: Conv1D (in, out)
+    "mlp.c_fc.bias": 0,
+    "mlp.c_proj.weight": 0,
+}
+MLP_FUSED = {"mlp.gate_up_proj.weight": 2}
+# Config keys of the MLP width, in the order they are looked for.
+INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+@dataclass(frozen=True)
+class MlpChannels:
+    """Where a layer's MLP channels are: ``axes`` (name inside the layer -> (axis, copies))
+    over ``size`` channels."""
+
+    axes: dict[str, tuple[int, int]]
+    size: int
+
+    def per_channel(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Parameters one channel holds in this layer (what keeping one fewer removes)."""
+        total = 0
+        for name, (axis, copies) in self.axes.items():
+            numel = 1
+            for n in shapes[name]:
+                numel *= n
+            total += numel // (shapes[name][axis] // copies)
+        return total
+
+
+def mlp_channels(shapes: dict[str, tuple[int, ...]], where: str) -> MlpChannels:
+    """The MLP channel axes of a layer whose tensors (name inside the layer -> shape) are
+    ``shapes``: an error naming the layer when uniform width pruning does not apply."""
+    found = {
+        name: (axis, MLP_FUSED.get(name, 1))
+        for name, axis in MLP_CHANNEL_AXES.items()
+        if name in shapes
+    }
+    if not any(".weight" in name for name in found) or len(found) < 2:
+        raise CheckpointError(
+            f"{where}: no MLP projections that width pruning knows (gate/up/down_proj, "
+            "gate_up_proj, c_fc/c_proj); width pruning supports dense MLPs of those layouts"
+        )
+    sizes = {shapes[n][axis] // copies for n, (axis, copies) in found.items()}
+    if len(sizes) != 1:
+        raise CheckpointError(
+            f"{where}: the MLP tensors disagree on the number of channels ({sorted(sizes)})"
+        )
+    return MlpChannels(found, sizes.pop())
+
+
+def intermediate_key(config: dict[str, Any], where: str) -> tuple[str, ...]:
+    """The config path of the MLP width, which a width-pruned checkpoint rewrites: an error
+    when one number cannot describe the MLPs (experts, per-layer sizes)."""
+    decoder, base_path = text_config(config)
+    moe = [k for k in MOE_KEYS if decoder.get(k)]
+    if moe:
+        raise CheckpointError(
+            f"{where}: config.json has {moe[0]}: a mixture of experts, whose MLP width "
+            "uniform width pruning cannot express in the config"
+        )
+    for key in INTERMEDIATE_KEYS:
+        if key in decoder:
+            if isinstance(decoder[key], list):
+                raise CheckpointError(
+                    f"{where}: config.json gives {key} per layer; uniform width pruning needs "
+                    "one number for every layer"
+                )
+            return (*base_path, key)
+    raise CheckpointError(
+        f"{where}: config.json has no MLP width (looked for {', '.join(INTERMEDIATE_KEYS)}), so "
+        "a width-pruned checkpoint could not say its new size"
+    )

@@ -22,8 +22,9 @@ class Evaluation:
     """Scores of one model: perplexity per text file and metrics per task.
 
     ``baseline`` holds the dense model's scores when the evaluation compared against
-    one; ``retention()`` then relates the two.  ``to_dict()`` / ``to_json()`` give the
-    JSON form that ``tailorkit eval --json`` writes and the model card reads.
+    one; ``retention()`` then relates the two.  ``speed`` holds measured inference
+    speed (``evaluate(..., speed=True)``).  ``to_dict()`` / ``to_json()`` give the JSON
+    form that ``tailorkit eval --json`` writes and the model card reads.
     """
 
     model: str
@@ -31,6 +32,9 @@ class Evaluation:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     baseline: Evaluation | None = None
+    # {"model": SpeedResult.to_dict(), "base": ... and "speedup": {"prefill", "decode"}
+    # when compared}; None when speed was not measured.
+    speed: dict[str, Any] | None = None
 
     # -- comparison --------------------------------------------------------------------
     def retention(self) -> dict[str, Any] | None:
@@ -50,6 +54,8 @@ class Evaluation:
         if self.baseline is not None:
             out["baseline"] = self.baseline.to_dict()
             out["retention"] = self.retention()
+        if self.speed is not None:
+            out["speed"] = self.speed
         return out
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -67,10 +73,12 @@ class Evaluation:
             tasks=dict(data.get("tasks", {})),
             settings=dict(data.get("settings", {})),
             baseline=cls.from_dict(base) if base else None,
+            speed=dict(data["speed"]) if data.get("speed") else None,
         )
 
     def table(self) -> str:
-        """Markdown tables: tasks (with dense and retention when compared) and perplexity."""
+        """Markdown tables: tasks (with dense and retention when compared), perplexity and
+        speed."""
         return render_tables(self.to_dict())
 
     def __str__(self) -> str:
@@ -213,4 +221,57 @@ def render_tables(data: dict[str, Any]) -> str:
                     head + f"| {_num(row['perplexity'], 3)} | {_num(row['bits_per_byte'], 4)} |"
                 )
         parts.append("\n".join(lines))
+    if data.get("speed"):
+        parts.append(speed_table(data["speed"]))
     return "\n\n".join(parts)
+
+
+def format_rate(value: Any) -> str:
+    """Tokens per second as the tables show them (``1,234.5``; ``-`` when missing)."""
+    return f"{value:,.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def format_speedup(value: Any) -> str:
+    """A speed-up as the tables show it (``1.31x``; ``-`` when missing)."""
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
+
+
+def speed_note(row: dict[str, Any]) -> str:
+    """Where and how a speed was measured, in one line."""
+    s = row.get("settings", {})
+    where = f"{row.get('device')}, {row.get('dtype')}"
+    if str(row.get("device", "")).startswith("cpu"):
+        where += f", {row.get('threads')} threads"
+    return (
+        f"Speed: a prompt of {s.get('batch_size', 1)} x {s.get('prompt_tokens')} random "
+        f"tokens, then {s.get('new_tokens')} tokens decoded one at a time on the KV cache; "
+        f"median of {s.get('repeats')} runs; {where}."
+    )
+
+
+def speed_table(speed: dict[str, Any]) -> str:
+    """The ``speed`` of an ``Evaluation.to_dict()`` as a markdown table and its note."""
+    mine, base = speed.get("model") or {}, speed.get("base")
+    phases = (("prefill", "prefill tokens/s"), ("decode", "decode tokens/s"))
+    if base:
+        up = speed.get("speedup") or {}
+        lines = ["| speed | tailored | dense | speed-up |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {label} | {format_rate(mine.get(f'{k}_tokens_per_s'))} "
+            f"| {format_rate(base.get(f'{k}_tokens_per_s'))} | {format_speedup(up.get(k))} |"
+            for k, label in phases
+        ]
+    else:
+        lines = ["| speed | tokens/s | ms |", "|---|---:|---:|"]
+        lines.append(
+            f"| prefill | {format_rate(mine.get('prefill_tokens_per_s'))} "
+            f"| {_num(mine.get('prefill_ms'), 1)} per prefill |"
+        )
+        lines.append(
+            f"| decode | {format_rate(mine.get('decode_tokens_per_s'))} "
+            f"| {_num(mine.get('decode_ms_per_token'), 2)} per step |"
+        )
+    note = speed_note(mine)
+    if base:
+        note += " The two models ran in turn within every repeat (dense, tailored, ...)."
+    return "\n".join(lines) + "\n\n" + note

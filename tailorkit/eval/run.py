@@ -14,6 +14,7 @@ from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError, EvalError
 from tailorkit.eval.compare import Evaluation
 from tailorkit.eval.perplexity import perplexity, read_text, resolve_context
+from tailorkit.eval.speed import check_settings, measure_speeds, speed_ratio
 from tailorkit.plan import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,10 @@ def evaluate(
     dtype: str | torch.dtype | None = None,
     batch_size: int = 8,
     task_paths: list[str | Path] | None = None,
+    speed: bool = False,
+    speed_prompt_tokens: int = 512,
+    speed_new_tokens: int = 64,
+    speed_repeats: int = 3,
 ) -> Evaluation:
     """Evaluate a model; with ``compare=BASE``, the dense model too, and their retention.
 
@@ -171,6 +176,13 @@ def evaluate(
     with at most ``limit`` documents each.  ``device``: ``auto`` (default: CUDA if
     present), ``cpu``, ``cuda:N``; ``dtype``: ``auto`` (the checkpoint's) or a float type.
 
+    ``speed``: also time generation (:func:`tailorkit.eval.speed.measure_speed`): a
+    prompt of ``speed_prompt_tokens`` seeded random ids, then ``speed_new_tokens``
+    greedy decode steps on the cache; median of ``speed_repeats`` runs.  With
+    ``compare``, both models are then held in memory together and measured in turn
+    (dense, tailored, dense, ...), and the result's ``speed`` holds both and the
+    speed-ups.
+
     Returns an :class:`Evaluation`; ``.to_json()`` and ``.table()`` render it.
     Raises EvalError / CheckpointError on bad input, before any model is loaded where
     the input can be checked up front (text files, task names, settings).
@@ -182,14 +194,23 @@ def evaluate(
         [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks or [])
     )
     task_names = [t for t in task_names if t]
-    if not ppl_files and not task_names:
+    if not ppl_files and not task_names and not speed:
         raise EvalError(
-            "nothing to evaluate: give text files (ppl=, --ppl) and/or tasks= (--tasks)"
+            "nothing to evaluate: give text files (ppl=, --ppl), tasks= (--tasks) "
+            "and/or speed=True (--speed)"
         )
     if limit is not None and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
         raise EvalError(f"limit must be a positive count (or a fraction in (0, 1]), got {limit}")
     if batch_size < 1:
         raise EvalError(f"batch_size must be at least 1, got {batch_size}")
+    if speed:
+        for name, value in (
+            ("speed_prompt_tokens", speed_prompt_tokens),
+            ("speed_new_tokens", speed_new_tokens),
+            ("speed_repeats", speed_repeats),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise EvalError(f"{name} must be a whole number >= 1, got {value!r}")
     for f in ppl_files:
         read_text(f)  # fail now, not after loading a model
     manager = task_manager(task_names, task_paths) if task_names else None
@@ -204,8 +225,10 @@ def evaluate(
         "dtype": str(dtype or "auto"),
     }
 
-    def run(which, tok) -> Evaluation:
+    def run(which, tok) -> tuple[Evaluation, LoadedModel]:
         loaded = load_model(which, tokenizer=tok, device=device, dtype=dtype)
+        if speed:  # sizes the model cannot take fail now, not after its tasks
+            check_settings(loaded.model, speed_prompt_tokens, speed_new_tokens)
         nonlocal context_length, stride
         if ppl_files:
             # The first model fixes the windows, so both models see the same ones.
@@ -238,13 +261,41 @@ def evaluate(
         if ppl_files:
             result.settings.update(context_length=context_length, stride=stride)
         result.settings["versions"] = _versions()
-        return result
+        return result, loaded
 
-    result = run(model, tokenizer)
-    if compare is not None:
+    result, loaded = run(model, tokenizer)
+    if compare is None:
+        if speed:
+            (mine,) = _speeds([loaded.model], speed_prompt_tokens, speed_new_tokens, speed_repeats)
+            result.speed = {"model": mine}
+        return _recorded(model, result)
+    if not speed:
+        del loaded  # one model in memory at a time
         gc.collect()
-        result.baseline = run(compare, compare_tokenizer)
+    result.baseline, dense = run(compare, compare_tokenizer)
+    if speed:
+        # Alternating (dense, tailored, dense, ...) spreads the machine's noise over both.
+        base, mine = _speeds(
+            [dense.model, loaded.model], speed_prompt_tokens, speed_new_tokens, speed_repeats
+        )
+        result.speed = {"model": mine, "base": base, "speedup": speed_ratio(base, mine)}
+    return _recorded(model, result)
+
+
+def _recorded(model, result: Evaluation) -> Evaluation:
+    """A PruneResult keeps its evaluation, so that its model card shows it (the speed rows
+    of the size table among it). Known by its attributes: tailorkit.result imports this."""
+    if all(hasattr(model, a) for a in ("recipe", "plan", "model", "evaluation")):
+        model.evaluation = result.to_dict()
     return result
+
+
+def _speeds(models, prompt_tokens: int, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    log.info("speed: %d prompt tokens, %d new tokens", prompt_tokens, new_tokens)
+    found = measure_speeds(
+        models, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats
+    )
+    return [s.to_dict() for s in found]
 
 
 def _versions() -> dict[str, str]:
