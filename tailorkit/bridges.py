@@ -30,6 +30,7 @@ What the fit needs to be worth having (measured on SmolLM2, benchmarks/RESULTS.m
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -87,10 +88,12 @@ def fit_bridges(
     *,
     ridges: tuple[float, ...] = RIDGES,
     progress: bool = True,
+    batches: Sequence[int] | None = None,
 ) -> tuple[Recipe, list[BridgeFit]]:
     """``recipe`` with a bridge after every run of removed layers, fitted on ``runner``'s
-    calibration windows (its base and candidates must be the recipe's models, by name);
-    and how each fit went. Bridges the recipe had are replaced."""
+    calibration windows (its base and candidates must be the recipe's models, by name), or
+    on the calibration batches numbered ``batches``; and how each fit went. Bridges the
+    recipe had are replaced."""
     layers = [replace(layer, bridge=None) for layer in recipe.output_layers()]
     names = {name: source.ref for name, source in runner.sources.items()}
     if runner.config.base_name != recipe.base_model or any(
@@ -106,7 +109,7 @@ def fit_bridges(
             mlp_output(tensors, f"output layer {j} ({layers[j].describe()})")
         except CheckpointError as e:
             raise MethodError(str(e)) from None
-    fitter = _Fitter(runner, layers)
+    fitter = _Fitter(runner, layers, batches)
     fits, fitted = [], {}
     for j, start, e in tqdm(gaps(layers, runner.num_layers), desc="bridges", disable=not progress):
         fit, bridge = fitter.fit(j, start, e, ridges)
@@ -126,27 +129,31 @@ def report(fits: list[BridgeFit]) -> list[dict]:
 class _Fitter:
     """Walks the calibration batches up the pruned model, one gap at a time."""
 
-    def __init__(self, runner: TrialRunner, layers: list[OutputLayer]):
+    def __init__(
+        self, runner: TrialRunner, layers: list[OutputLayer], batches: Sequence[int] | None
+    ):
         self.runner, self.layers = runner, layers
         self.recorded = runner.recorded_prefix(layers)  # these need not run
         self.at: int | None = None  # every batch's state is the input of output layer `at`
         self.states: list[torch.Tensor] = []
+        numbers = range(len(runner.traces)) if batches is None else batches
+        self.traces = [runner.traces[b] for b in numbers]
         size = runner.config.batch_size
         self.held_back = [  # (B*T,) True for tokens of every HELD_BACK_EVERY-th window
-            (torch.arange(len(t.input_ids)) + b * size)
+            (torch.arange(len(runner.traces[b].input_ids)) + b * size)
             .remainder(HELD_BACK_EVERY)
             .eq(HELD_BACK_EVERY - 1)
-            .repeat_interleave(t.input_ids.shape[1])
-            for b, t in enumerate(runner.traces)
+            .repeat_interleave(runner.traces[b].input_ids.shape[1])
+            for b in numbers
         ]
 
     def _advance(self, to: int) -> None:
         """Run every batch's state up to the input of output layer ``to``."""
         if self.at is None:
             self.at = min(to, self.recorded)
-            self.states = [trace.states[self.at] for trace in self.runner.traces]
+            self.states = [trace.states[self.at] for trace in self.traces]
         steps = [self.runner.step(layer) for layer in self.layers[self.at : to]]
-        for b, trace in enumerate(self.runner.traces):
+        for b, trace in enumerate(self.traces):
             self.states[b] = self.runner.stack.run(self.states[b], steps, trace)
         self.at = to
 
@@ -161,7 +168,7 @@ class _Fitter:
         captured: dict[str, torch.Tensor] = {}
         hook = module.mlp.register_forward_hook(lambda m, a, out: captured.update(m=out))
         try:
-            for b, trace in enumerate(runner.traces):
+            for b, trace in enumerate(self.traces):
                 out = runner.stack.run(self.states[b], [step], trace)
                 m = captured["m"].reshape(-1, d).double()  # (B*T, d)
                 y = out.reshape(-1, d).double() - m

@@ -191,18 +191,24 @@ def merge_tensor(
     return flat.reshape(gather.shape(shape) if gather else shape)
 
 
-FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: check in slices
+FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: count in slices
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
-    if not t.is_floating_point():
+    """Raise MergeError, counting them, if ``t`` holds NaN or inf.
+
+    The test is one reduction, ``aminmax``: NaN propagates through min and max, an inf is
+    the min or the max, and it makes no temporaries. ``torch.isfinite`` over the tensor
+    costs ~50x more on bfloat16 (0.6 s vs 0.012 s per 16M elements on 2 cores, measured),
+    more than the merge it checks; it only counts, once something is known to be wrong.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
         return
-    flat = t.reshape(-1)
-    step = FINITE_CHECK_ELEMENTS
-    if not all(
-        bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)
-    ):
-        bad = int((~torch.isfinite(t)).sum())
-        raise MergeError(
-            f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
-        )
+    low, high = torch.aminmax(t.reshape(-1))
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
+    flat, step = t.reshape(-1), FINITE_CHECK_ELEMENTS
+    bad = sum(int((~torch.isfinite(flat[i : i + step])).sum()) for i in range(0, len(flat), step))
+    raise MergeError(
+        f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
+    )

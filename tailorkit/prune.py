@@ -196,9 +196,10 @@ def _split(
     spec: MethodSpec, ctx: Context, bridge: bool, width: _WidthRequest
 ) -> tuple[MethodResult, Recipe, dict[str, Any]]:
     """Depth by ``spec`` and width together, for each share asked; the best by KL from the
-    dense model on the calibration windows when there are several. Bridges, if asked, are
-    fitted on the chosen split only: a bridge is named after its layer, and splits that
-    bridge the same layer differently cannot share one runner's caches."""
+    dense model when there are several, scored on calibration batches held back from the
+    channel importance and from the bridges (``bridge``: each split is scored as it would
+    ship, bridged). The chosen split's channels and bridges are then fitted on every
+    batch."""
     runner, base = ctx.runner, ctx.runner.base
     several = len(width.shares) > 1
     fit, held = widths.held_back(len(runner.traces)) if several else (None, None)
@@ -226,11 +227,16 @@ def _split(
             "removed_parameter_fraction": plan.removed_parameter_fraction,
         }
         if several:
-            row["kl"] = on.score(recipe, Logits(), batches=held)
+            scored = recipe
+            if bridge:  # bridge names repeat across splits: each split's own, then forgotten
+                on.forget_fitted()
+                scored, _ = bridges.fit_bridges(on, recipe, progress=False, batches=fit)
+            row["kl"] = on.score(scored, Logits(), batches=held)
+            on.forget_fitted()
             log.info("width share %.2f: %s, KL %.4f", share, plan.summary(), row["kl"])
         tried.append((row, result, recipe, on))
     row, result, recipe, on = min(tried, key=lambda t: t[0].get("kl", 0.0))
-    if several:  # the chosen split's channels, now from all the calibration windows
+    if several:  # the chosen split's channels (and bridges, below) from all the windows
         recipe = _narrowed(result.recipe, on, row["intermediate_size"])
     extra = {}
     if bridge:

@@ -61,6 +61,10 @@ class LRU:
         self.budget, self.size, self.used = budget, size, 0
         self._items: OrderedDict = OrderedDict()
 
+    def clear(self) -> None:
+        self._items.clear()
+        self.used = 0
+
     def get(self, key) -> Any:
         value = self._items.get(key)
         if value is not None:
@@ -204,6 +208,13 @@ class TrialRunner:
             if name in self.fitted and not torch.equal(self.fitted[name], tensor):
                 raise MethodError(f"fitted tensor {name!r} is already a different tensor")
             self.fitted[name] = tensor
+
+    def forget_fitted(self) -> None:
+        """Drop the bridges and everything computed with them (layers, states, scores), so
+        that the same names may stand for other tensors: e.g. the bridges of another plan."""
+        self.fitted.clear()
+        for cache in (self._steps, self._states, self._scores):
+            cache.clear()
 
     # -- running a trial ----------------------------------------------------------------
     def step(self, layer: OutputLayer) -> Step:

@@ -124,21 +124,26 @@ class _ChannelStats:
     def __init__(self, side: str):
         self.side = side  # "left": nn.Linear (hidden, I); "right": Conv1D (I, hidden)
         self.skip: torch.Tensor | None = None  # (B*T,) True for attention-sink tokens
-        self.abs: torch.Tensor | None = None
+        self.abs: torch.Tensor | None = None  # (I,) sum of |a_j|
+        self.square: torch.Tensor | None = None  # (I,) sum of a_j^2 (for the ablations)
         self.norm: torch.Tensor | None = None
         self.tokens = 0
 
     def __call__(self, module, args) -> None:
         a = args[0].reshape(-1, args[0].shape[-1])  # (B*T, I)
-        a = a[~self.skip.to(a.device)]
-        total = a.abs().sum(0, dtype=torch.float64)
-        self.abs = total if self.abs is None else self.abs + total
+        a = a[~self.skip.to(a.device)].double()
+        self.abs = _add(self.abs, a.abs().sum(0))
+        self.square = _add(self.square, a.square().sum(0))
         self.tokens += len(a)
         if self.norm is None:
             self.norm = module.weight.double().norm(dim=0 if self.side == "left" else 1)
 
     def importance(self) -> torch.Tensor:
         return (self.abs / max(self.tokens, 1) * self.norm).cpu()
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total + part
 
 
 def with_width(

@@ -462,3 +462,20 @@ def test_hub_id_goes_through_the_hub_client(tmp_path, monkeypatch):
     )
     with pytest.raises(tk.CheckpointError, match="not a Hub repo id"):
         bad.plan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_check_finds_every_nan_and_inf_and_counts_them(dtype, bad):
+    """One aminmax decides; each non-finite value, wherever it lies, is found and counted."""
+    from tailorkit.merge import FINITE_CHECK_ELEMENTS, check_finite
+
+    n = 2 * FINITE_CHECK_ELEMENTS + 3
+    check_finite(torch.randn(n).to(dtype), "ok")
+    check_finite(torch.empty(0, dtype=dtype), "empty")
+    check_finite(torch.arange(5), "integers are not checked")
+    for positions in ([0], [n - 1], [FINITE_CHECK_ELEMENTS, 17, n - 2]):
+        t = torch.randn(n).to(dtype)
+        t[positions] = bad
+        with pytest.raises(MergeError, match=f"tensor x: the merge produced {len(positions)} non"):
+            check_finite(t.reshape(-1, 1), "tensor x")

@@ -380,3 +380,23 @@ def test_computed_layers_are_cached_within_a_byte_budget(tiny_model_factory, tok
     assert roomy.stats.merged_layers == LAYERS and roomy._steps.used == LAYERS * per_layer
     # Two batches, two passes: every layer recomputed every time it is needed.
     assert tight.stats.merged_layers == 2 * 2 * LAYERS and tight._steps.used <= 2 * per_layer
+
+
+def test_auto_split_with_bridges_scores_each_split_bridged(tiny_model_factory, tokens):
+    """With bridges asked, a split is scored as it would ship: bridged, its bridges fitted
+    on the batches its KL is not taken on. Depth alone (share 0) is checked by hand."""
+    from tailorkit import bridges
+
+    path = tiny_model_factory("llama", num_layers=LAYERS)
+    result = _shortgpt(path, tokens, 0.3, "auto", bridge=True)
+    splits = result.report["width"]["splits"]
+    depth_only = _shortgpt(path, tokens, 0.3, 0.0).recipe
+    runner = TrialRunner(RunnerConfig(str(path), tokens, batch_size=4, state_cache_bytes=0))
+    fit, held = width.held_back(len(runner.traces))
+    bridged, fits = bridges.fit_bridges(runner, depth_only, progress=False, batches=fit)
+    assert fits and all(f.tokens + f.held_back_tokens == 4 * 24 for f in fits)  # one batch
+    kl = runner.score(bridged, tk.objectives.Logits(), batches=held)
+    assert splits[0]["share"] == 0.0 and splits[0]["kl"] == pytest.approx(kl)
+    best = min(splits, key=lambda s: s["kl"])
+    assert result.report["width"]["share"] == best["share"]
+    assert "bridges" in result.report
