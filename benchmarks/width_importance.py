@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct, every layer keeping the same number of MLP channels
 (``--calibration mixed``: the bundled text and six stdlib modules). Only the score that
 ranks a layer's channels changes:
 
-* ``output``: E|a_j| x |W[:, j]|, tailorkit's (tailorkit/width.py): what the channel writes;
-* ``activation``: E|a_j|, activation magnitude alone (Minitron's ranking);
+* ``output``: E|a_j| x |W[:, j]|: what the channel writes, to first order;
+* ``activation``: E|a_j|, activation magnitude alone (Minitron's ranking; tailorkit's);
 * ``energy``: E[a_j^2] x |W[:, j]|^2, the squared contribution;
 * ``random``: a seeded random ranking, the control.
 
@@ -39,8 +39,8 @@ from quality import evaluate, held_out_windows, write_json  # noqa: E402
 OURS = width._ChannelStats.importance
 
 
-def _activation(stats) -> torch.Tensor:
-    return (stats.abs / max(stats.tokens, 1)).cpu()
+def _output(stats) -> torch.Tensor:
+    return (stats.abs / max(stats.tokens, 1) * stats.norm).cpu()
 
 
 def _energy(stats) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _random(stats) -> torch.Tensor:
 
 
 _RANDOM = torch.Generator().manual_seed(0)
-SCORES = {"output": OURS, "activation": _activation, "energy": _energy, "random": _random}
+SCORES = {"output": _output, "activation": OURS, "energy": _energy, "random": _random}
 
 
 def main(argv: list[str] | None = None) -> None:

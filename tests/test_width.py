@@ -149,11 +149,12 @@ def test_merges_gather_in_chunks_as_a_whole_merge_would(tiny_model_factory, tmp_
     assert torch.equal(built["model.layers.3.mlp.down_proj.weight"], want)
 
 
-def test_importance_keeps_the_channels_that_write_and_drops_silent_ones(
+def test_importance_keeps_the_active_channels_and_drops_silent_ones(
     tiny_model_factory, tokens, tmp_path
 ):
-    """Channels whose down-projection column is zero add nothing to the residual stream:
-    importance ranks them last, so a width that can do without them never keeps them."""
+    """Channels whose up-projection row is zero never activate (a_j = act(gate) * up = 0):
+    importance ranks them last, so a width that can do without them never keeps them, and
+    the model computes exactly what it did."""
     path = tiny_model_factory("llama", num_layers=LAYERS)
     silent = tmp_path / "silent"
     silent.mkdir()
@@ -161,9 +162,9 @@ def test_importance_keeps_the_channels_that_write_and_drops_silent_ones(
         if f.name != "model.safetensors":
             (silent / f.name).write_bytes(f.read_bytes())
     tensors = load_file(path / "model.safetensors")
-    dead = torch.arange(0, 128, 2)  # every even channel of every layer writes nothing
+    dead = torch.arange(0, 128, 2)  # every even channel of every layer stays at zero
     for i in range(LAYERS):
-        tensors[f"model.layers.{i}.mlp.down_proj.weight"][:, dead] = 0
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"][dead] = 0
     save_file(tensors, silent / "model.safetensors", metadata={"format": "pt"})
     runner = TrialRunner(RunnerConfig(str(silent), tokens, batch_size=4, state_cache_bytes=0))
     layers = [tk.trials.keep(i) for i in range(LAYERS)]
@@ -173,7 +174,6 @@ def test_importance_keeps_the_channels_that_write_and_drops_silent_ones(
     kept = width.with_width(runner, layers, 64, progress=False)
     for layer in kept:
         assert torch.equal(layer.channels.index, torch.arange(1, 128, 2))
-    # Dropping silent channels changes nothing the model computes.
     with torch.no_grad():
         assert torch.allclose(
             torch.cat(runner.logits(kept)), torch.cat(runner.logits(layers)), atol=1e-5
