@@ -299,7 +299,8 @@ class DeviceStreamer:
             return []
         inputs = job.all_inputs()
         views = [i.view() for i in inputs]  # zero-copy; made here, as Source is not thread-safe
-        if job.layer.method == "ties" or job.fold is not None:
+        if job.layer.method == "ties" or job.fold is not None or job.gather is not None:
+            # Whole on the device; a gather of kept channels reads scattered rows or columns.
             return [_Task(job, writer, whole=True, views=tuple(views))]
         base = views[-1] if job.base else None
         # The same weights the CPU path uses (for slerp: its float64 reduction, on the CPU).

@@ -33,8 +33,9 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
-def _all_methods(family, dtype: str | None) -> tk.Recipe:
-    """Every merge method, passthroughs, and (with a dtype) float32 sources cast on the way."""
+def _all_methods(family, dtype: str | None, width: bool = False) -> tk.Recipe:
+    """Every merge method, passthroughs, and (with a dtype) float32 sources cast on the way;
+    with ``width``, every layer keeping 40 of its 128 MLP channels."""
     recipe = {
         "models": {
             "base": str(family.base),
@@ -82,7 +83,13 @@ def _all_methods(family, dtype: str | None) -> tk.Recipe:
         recipe["dtype"] = dtype
     recipe["tensors"] = {"file": "recipe.safetensors", "sha256": "0" * 64}
     bridge = torch.eye(64) + 0.01 * torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
-    return tk.Recipe.from_dict(recipe).with_fitted({"b1": bridge})
+    fitted = {"b1": bridge}
+    if width:
+        gen = torch.Generator().manual_seed(3)
+        rows = [torch.randperm(128, generator=gen)[:40].sort().values for _ in range(6)]
+        fitted["w"] = torch.stack(rows).int()
+        recipe["width"] = {"intermediate_size": 40, "channels": "w"}
+    return tk.Recipe.from_dict(recipe).with_fitted(fitted)
 
 
 def _weight_files(directory: Path) -> dict[str, bytes]:
@@ -112,6 +119,20 @@ def test_lane_pipeline_writes_the_cpu_bytes(family, tmp_path, dtype, lanes, chun
     (tmp_path / "lanes").mkdir()
     _write_weights(plan, tmp_path / "cpu", max_bytes, False)
     with DeviceStreamer("cpu", lanes=lanes, chunk_elements=chunk) as streamer:
+        _write_weights(plan, tmp_path / "lanes", max_bytes, False, streamer)
+    _assert_same_files(tmp_path / "cpu", tmp_path / "lanes")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_lanes_write_the_cpu_bytes_of_a_width_pruned_recipe(family, tmp_path, device):
+    """Kept MLP channels: each gathered tensor is made whole on the device, the same bytes."""
+    plan = _all_methods(family, "bfloat16", width=True).plan()
+    assert plan.config["intermediate_size"] == 40
+    max_bytes = parse_size("150KB")
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "lanes").mkdir()
+    _write_weights(plan, tmp_path / "cpu", max_bytes, False)
+    with DeviceStreamer(device, lanes=3, chunk_elements=777) as streamer:
         _write_weights(plan, tmp_path / "lanes", max_bytes, False, streamer)
     _assert_same_files(tmp_path / "cpu", tmp_path / "lanes")
 
