@@ -400,3 +400,26 @@ def test_auto_split_with_bridges_scores_each_split_bridged(tiny_model_factory, t
     best = min(splits, key=lambda s: s["kl"])
     assert result.report["width"]["share"] == best["share"]
     assert "bridges" in result.report
+
+
+def test_gptailor_plans_are_width_pruned_on_their_own_candidates(family, tokens, tmp_path):
+    """A stitched plan's layers come from several models: their importance is measured on
+    a runner opened on all of them, and the built model computes what it scored."""
+    result = tk.prune(
+        str(family.base),
+        method="gptailor",
+        candidates=[str(c) for c in family.candidates],
+        target_ratio=0.35,
+        width_share=0.5,
+        calibration=tokens,
+        batch_size=4,
+        progress=False,
+        budget=6,
+        popsize=6,
+    )
+    recipe = result.recipe
+    assert set(recipe.models) == {"base", "c1", "c2"} and recipe.width is not None
+    out = tk.build(recipe, tmp_path / "built", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(tk.assemble(recipe)(input_ids=tokens).logits, model(tokens).logits)
