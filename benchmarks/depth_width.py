@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import tailorkit as tk
 from tailorkit.checkpoint.source import Source
@@ -42,7 +42,7 @@ from tailorkit.eval.speed import measure_speeds, speed_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from heal import TRAIN_MODULES  # noqa: E402
-from quality import evaluate, held_out_windows, write_json  # noqa: E402
+from quality import dense_baseline, evaluate, write_json  # noqa: E402
 
 from tailorkit.calibration import default_texts  # noqa: E402
 
@@ -78,11 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="benchmarks/results/depth_width.json")
     args = p.parse_args(argv)
 
-    source = Source(args.base)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    evals = held_out_windows(tokenizer, args.seq_len, args.windows)
     started = time.time()
-    dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals, tokenizer, args.tasks)
+    source, tokenizer, evals, dense = dense_baseline(
+        args.base, args.seq_len, args.windows, args.tasks
+    )
     rows = [{"config": "dense", "target": 0.0, "ratio": 0.0, "layers": source.num_layers, **dense}]
     print(f"dense: {_scores(rows[0])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tailorkit-depth-width-") as tmp:

