@@ -42,7 +42,7 @@ from tailorkit.eval.speed import measure_speeds, speed_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from heal import TRAIN_MODULES  # noqa: E402
-from quality import dense_baseline, evaluate, write_json  # noqa: E402
+from quality import add_eval_arguments, dense_baseline, evaluate, write_json  # noqa: E402
 
 from tailorkit.calibration import default_texts  # noqa: E402
 
@@ -57,12 +57,10 @@ CONFIGS = {  # name -> (width_share, bridge)
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=tk.DEFAULT_MODEL)
+    add_eval_arguments(p)
     p.add_argument("--method", default="shortgpt", help="the depth method (default shortgpt)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.20, 0.25, 0.35])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
-    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument(
         "--calibration",
@@ -71,7 +69,6 @@ def main(argv: list[str] | None = None) -> None:
         choices=["bundled", "mixed"],
         help="bundled text, or bundled text + stdlib code (mixed); several: one run each",
     )
-    p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
     p.add_argument("--prompt-tokens", type=int, default=256, help="speed: prompt length")
     p.add_argument("--new-tokens", type=int, default=32, help="speed: greedy tokens decoded")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed runs (median)")

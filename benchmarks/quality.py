@@ -72,6 +72,14 @@ def held_out_windows(tokenizer, seq_len: int, count: int) -> dict[str, torch.Ten
     return {kind: windows_of(tokenizer, t, seq_len, count) for kind, t in held_out_texts().items()}
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every quality benchmark shares: the base and the held-out evaluation."""
+    p.add_argument("--base", default=tk.DEFAULT_MODEL)
+    p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
+    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
+    p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
+
+
 def dense_baseline(base: str, seq_len: int, windows: int, tasks: int):
     """What every quality benchmark starts from: the base's tokenizer, the held-out windows
     and the dense model's scores on them. Returns (source, tokenizer, evals, dense)."""
@@ -161,15 +169,12 @@ def forward_seconds(base: str, windows: int, batch: int = 8) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=tk.DEFAULT_MODEL)
+    add_eval_arguments(p)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.20, 0.25, 0.35])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
-    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
     p.add_argument("--calibration-windows", type=int, default=16)
     p.add_argument("--bridge", action="store_true", help="also bridge every plan")
     p.add_argument("--bridge-windows", type=int, default=32, help="windows bridges fit on")
-    p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
     p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
     p.add_argument("--popsize", type=int, default=12, help="gptailor population")
     p.add_argument("--kl-positions", type=int, help="gptailor: KL on this many positions/window")

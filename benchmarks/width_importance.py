@@ -32,7 +32,7 @@ from tailorkit import width
 
 sys.path.insert(0, str(Path(__file__).parent))
 from depth_width import calibration_texts  # noqa: E402
-from quality import dense_baseline, evaluate, write_json  # noqa: E402
+from quality import add_eval_arguments, dense_baseline, evaluate, write_json  # noqa: E402
 
 OURS = width._ChannelStats.importance
 
@@ -55,14 +55,11 @@ SCORES = {"output": _output, "activation": OURS, "energy": _energy, "random": _r
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=tk.DEFAULT_MODEL)
+    add_eval_arguments(p)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25])
     p.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES))
     p.add_argument("--calibration", default="mixed", choices=["bundled", "mixed"])
     p.add_argument("--calibration-windows", type=int, default=32)
-    p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
-    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length")
-    p.add_argument("--tasks", type=int, default=0, help="tk_next_line documents per subtask")
     p.add_argument("--json", default="benchmarks/results/width_importance.json")
     args = p.parse_args(argv)
 

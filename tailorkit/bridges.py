@@ -95,10 +95,7 @@ def fit_bridges(
     on the calibration batches numbered ``batches``; and how each fit went. Bridges the
     recipe had are replaced."""
     layers = [replace(layer, bridge=None) for layer in recipe.output_layers()]
-    names = {name: source.ref for name, source in runner.sources.items()}
-    if runner.config.base_name != recipe.base_model or any(
-        names.get(name) != ref for name, ref in recipe.models.items()
-    ):
+    if not runner.opened_on(recipe):
         raise MethodError(
             "the trial runner's models are not the recipe's: fit bridges with a runner "
             f"opened on {recipe.models} (base {recipe.base_model!r})"

@@ -22,12 +22,12 @@ from huggingface_hub.repocard import metadata_load
 
 from tailorkit.bridges import CITATION as BRIDGES_BIB
 from tailorkit.checkpoint import builtin
-from tailorkit.checkpoint.architecture import mlp_channels
 from tailorkit.errors import CheckpointError, HubError
 from tailorkit.methods import METHODS
 from tailorkit.plan import Plan
 from tailorkit.recipe import Recipe
 from tailorkit.version import __version__
+from tailorkit.width import channels_per_layer
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _size_table(plan: Plan, speed: dict[str, Any] | None = None) -> str:
         f"({plan.removed_parameter_fraction:.1%}) |",
     ]
     if plan.recipe.width is not None:
-        full, kept = _mlp_size(plan), plan.recipe.width.intermediate_size
+        full, kept = channels_per_layer(plan.base), plan.recipe.width.intermediate_size
         rows.insert(
             3,
             f"| MLP channels per layer | {full} | {kept} | {full - kept} ({1 - kept / full:.1%}) |",
@@ -266,13 +266,7 @@ def _width_clause(plan: Plan) -> str:
     width = plan.recipe.width
     if width is None:
         return ""
-    return f", each keeping {width.intermediate_size} of its {_mlp_size(plan)} MLP channels"
-
-
-def _mlp_size(plan: Plan) -> int:
-    """The base model's MLP channels per layer."""
-    shapes = {name: info.shape for name, info in plan.base.layer(0).items()}
-    return mlp_channels(shapes, f"model {plan.base.name!r}").size
+    return f", each keeping {width.intermediate_size} of its {channels_per_layer(plan.base)} MLP channels"
 
 
 def _images(images: dict[str, str]) -> str:

@@ -166,7 +166,7 @@ def _run(
         result = spec.run(ctx, checked)
         recipe, extra = result.recipe, {}
         if bridge:
-            recipe, extra = _bridged(recipe, _runner_on(recipe, runner), runner.config)
+            recipe, extra = _bridged(recipe, runner, runner.config)
     else:
         result, recipe, extra = _split(spec, ctx, bridge, width)
 
@@ -201,6 +201,7 @@ def _split(
     ship, bridged). The chosen split's channels and bridges are then fitted on every
     batch."""
     runner, base = ctx.runner, ctx.runner.base
+    size = widths.channels_per_layer(base)
     several = len(width.shares) > 1
     fit, held = widths.held_back(len(runner.traces)) if several else (None, None)
     tried = []
@@ -214,10 +215,10 @@ def _split(
         on = _runner_on(result.recipe, runner, runner.config)
         plan = result.recipe.plan()
         remove = width.target * plan.base_parameters - (plan.base_parameters - plan.num_parameters)
-        kept = widths.channels_per_layer(base)  # share 0: depth only, as width_share=0 is
+        kept = size  # share 0: depth only, as width_share=0 is
         if share > 0:
             kept = widths.kept_channels(base, plan.num_layers, remove)
-        recipe = _narrowed(result.recipe, on, kept, fit)
+        recipe = _narrowed(result.recipe, on, kept, size, fit)
         plan = recipe.plan()
         row = {
             "share": share,
@@ -229,7 +230,6 @@ def _split(
         if several:
             scored = recipe
             if bridge:  # bridge names repeat across splits: each split's own, then forgotten
-                on.forget_fitted()
                 scored, _ = bridges.fit_bridges(on, recipe, progress=False, batches=fit)
             row["kl"] = on.score(scored, Logits(), batches=held)
             on.forget_fitted()
@@ -237,14 +237,14 @@ def _split(
         tried.append((row, result, recipe, on))
     row, result, recipe, on = min(tried, key=lambda t: t[0].get("kl", 0.0))
     if several:  # the chosen split's channels (and bridges, below) from all the windows
-        recipe = _narrowed(result.recipe, on, row["intermediate_size"])
+        recipe = _narrowed(result.recipe, on, row["intermediate_size"], size)
     extra = {}
     if bridge:
         recipe, extra = _bridged(recipe, on, runner.config)
     report = {
         "share": row["share"],
         "intermediate_size": row["intermediate_size"],
-        "base_intermediate_size": widths.channels_per_layer(base),
+        "base_intermediate_size": size,
         "importance": widths.IMPORTANCE,
         "splits": [t[0] for t in tried] if several else [],
         "scored_on_batches": held or [],
@@ -252,11 +252,11 @@ def _split(
     return result, recipe, extra | {"width": report}
 
 
-def _narrowed(recipe: Recipe, runner: TrialRunner, kept: int, batches=None) -> Recipe:
-    """``recipe`` with every layer keeping its ``kept`` most important MLP channels
-    (importance on the calibration ``batches``); unchanged when that is all of them, as
-    when depth's rounding already removed the whole budget."""
-    if kept >= widths.channels_per_layer(runner.base):
+def _narrowed(recipe: Recipe, runner: TrialRunner, kept: int, size: int, batches=None) -> Recipe:
+    """``recipe`` with every layer keeping its ``kept`` most important of ``size`` MLP
+    channels (importance on the calibration ``batches``); unchanged when that is all of them,
+    as when depth's rounding already removed the whole budget."""
+    if kept >= size:
         return recipe
     progress = runner.config.progress
     return recipe.with_layers(
@@ -264,13 +264,11 @@ def _narrowed(recipe: Recipe, runner: TrialRunner, kept: int, batches=None) -> R
     )
 
 
-def _runner_on(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig | None = None):
-    """``runner`` when the recipe is made of its base alone, else None (or, given
-    ``config``, a runner opened on the recipe's models)."""
-    if runner is not None and recipe.models == {runner.config.base_name: runner.config.base}:
+def _runner_on(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig) -> TrialRunner:
+    """``runner`` when it holds the recipe's models, else one opened on them as ``config``
+    says (a stitched plan's candidates)."""
+    if runner is not None and runner.opened_on(recipe):
         return runner
-    if config is None:
-        return None
     return bridges.runner_for(
         recipe,
         config.windows,
@@ -318,7 +316,7 @@ def bridge(
 
 def _bridged(recipe: Recipe, runner: TrialRunner | None, config: RunnerConfig):
     """``recipe`` bridged on ``runner`` (or one opened on its models, as ``config`` says)."""
-    runner = runner or _runner_on(recipe, None, config)
+    runner = _runner_on(recipe, runner, config)
     bridged, fits = bridges.fit_bridges(runner, recipe, progress=config.progress)
     return bridged, {"bridges": bridges.report(fits)}
 

@@ -183,6 +183,14 @@ class TrialRunner:
     def num_layers(self) -> int:
         return self.stack.num_layers
 
+    def opened_on(self, recipe: Recipe) -> bool:
+        """Whether this runner holds ``recipe``'s models, by name and reference, with its
+        base as the one recorded: then it can run, score and bridge the recipe's layers."""
+        refs = {name: source.ref for name, source in self.sources.items()}
+        return self.config.base_name == recipe.base_model and all(
+            refs.get(name) == ref for name, ref in recipe.models.items()
+        )
+
     def reference(self, name: str, batch: int, compute: Callable[[Trace], Any]) -> Any:
         """What the base model itself gives on ``batch`` (its next-token distribution, its
         final states), computed once."""

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from tailorkit.checkpoint.architecture import mlp_channels, mlp_projection
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, MethodError
-from tailorkit.methods.common import layer_parameter_counts
+from tailorkit.methods.common import layer_fraction
 from tailorkit.recipe import Channels, OutputLayer
 from tailorkit.trials import TrialRunner
 
@@ -49,12 +49,6 @@ def channels_per_layer(source: Source) -> int:
     return _mlp(source)[0].size
 
 
-def per_channel_parameters(source: Source) -> int:
-    """Parameters one MLP channel of one layer holds."""
-    mlp, shapes = _mlp(source)
-    return mlp.per_channel(shapes)
-
-
 def _mlp(source: Source):
     shapes = {name: info.shape for name, info in source.layer(0).items()}
     try:
@@ -67,8 +61,8 @@ def kept_channels(source: Source, num_layers: int, remove: int) -> int:
     """How many MLP channels each of ``num_layers`` layers keeps so that about ``remove``
     parameters go: rounded to a multiple of ``ALIGN``; an error when the MLPs cannot give
     that many."""
-    size = channels_per_layer(source)
-    per_channel = per_channel_parameters(source) * num_layers
+    mlp, shapes = _mlp(source)
+    size, per_channel = mlp.size, mlp.per_channel(shapes) * num_layers
     keep = size - remove / per_channel
     if size >= 4 * ALIGN:
         keep = ALIGN * round(keep / ALIGN)
@@ -182,6 +176,4 @@ def held_back(batches: int) -> tuple[list[int], list[int]]:
 
 def depth_ratio(source: Source, ratio: float) -> float | None:
     """``ratio`` of the parameters for depth, or None when it is under half a layer."""
-    counts = layer_parameter_counts(source)
-    per_layer = sum(counts) / len(counts) / source.num_parameters()
-    return ratio if ratio >= per_layer / 2 and not math.isclose(ratio, 0) else None
+    return ratio if ratio >= layer_fraction(source) / 2 and not math.isclose(ratio, 0) else None

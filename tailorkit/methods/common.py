@@ -55,6 +55,12 @@ def combine(layer: OutputLayer, above: Sequence[OutputLayer]) -> OutputLayer:
     return OutputLayer("linear", tuple((BASE, d) for d in depths), tuple(weights))
 
 
+def layer_fraction(source: Source) -> float:
+    """The share of ``source``'s parameters one layer holds, on average."""
+    counts = layer_parameter_counts(source)
+    return sum(counts) / len(counts) / source.num_parameters()
+
+
 def layer_parameter_counts(source: Source) -> list[int]:
     return [sum(t.numel for t in source.layer(i).values()) for i in range(source.num_layers)]
 
@@ -65,9 +71,7 @@ def removal_budget(source: Source, target_ratio: float, max_layers: int) -> int:
     The count whose parameter fraction is closest to the target; an error that lists
     the reachable ratios when no count between 1 and ``max_layers`` comes near.
     """
-    counts = layer_parameter_counts(source)
-    total = source.num_parameters()
-    per_layer = sum(counts) / len(counts) / total
+    per_layer = layer_fraction(source)
     layers = round(target_ratio / per_layer)
     lo, hi = per_layer, per_layer * max_layers
     if layers < 1 or layers > max_layers:
