@@ -325,11 +325,9 @@ void check_input(const at::Tensor& t, const at::Tensor& out, const char* what) {
       out.sizes());
 }
 
-std::vector<Operand> resolve_sources(
-    at::TensorList sources,
-    at::ArrayRef<double> scalars,
-    const at::Tensor& out,
-    const char* scalar_name) {
+// At least one source, and one scalar (weight, threshold) per source.
+void check_source_count(
+    at::TensorList sources, at::ArrayRef<double> scalars, const char* scalar_name) {
   TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
   TORCH_CHECK(
       scalars.size() == sources.size(),
@@ -339,6 +337,14 @@ std::vector<Operand> resolve_sources(
       scalars.size(),
       " ",
       scalar_name);
+}
+
+std::vector<Operand> resolve_sources(
+    at::TensorList sources,
+    at::ArrayRef<double> scalars,
+    const at::Tensor& out,
+    const char* scalar_name) {
+  check_source_count(sources, scalars, scalar_name);
   std::vector<Operand> operands;
   operands.reserve(sources.size());
   for (size_t i = 0; i < sources.size(); ++i) {
@@ -441,14 +447,7 @@ std::vector<RowOperand> resolve_gather(
     const at::Tensor& out) {
   check_output(out);
   TORCH_CHECK(dim == 0 || dim == 1, "tailorkit: dim must be 0 or 1, got ", dim);
-  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
-  TORCH_CHECK(
-      weights.size() == sources.size(),
-      "tailorkit: got ",
-      sources.size(),
-      " sources but ",
-      weights.size(),
-      " weights");
+  check_source_count(sources, weights, "weights");
   const at::IntArrayRef shape = sources[0].sizes();
   TORCH_CHECK(shape.size() == 2, "tailorkit: sources must be 2-D, got shape ", shape);
   std::vector<RowOperand> operands;
