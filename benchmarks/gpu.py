@@ -514,7 +514,7 @@ def same_files(a: Path, b: Path) -> tuple[bool, list[str]]:
 
 def stage_build(args, record: dict) -> dict:
     import tailorkit as tk
-    from tailorkit.build import _write_weights
+    from tailorkit.builder import _write_weights
     from tailorkit.checkpoint.writer import parse_size
     from tailorkit.gpu_build import DeviceStreamer
 

@@ -75,7 +75,7 @@ def plain_loop_tokens_per_second(recipe: tk.Recipe, data: Path, steps: int) -> f
     from transformers import AutoTokenizer
 
     from tailorkit.calibration import token_windows
-    from tailorkit.heal.trainer import _linear_names
+    from tailorkit.healing.trainer import _linear_names
 
     base = recipe.plan().base
     tokenizer = AutoTokenizer.from_pretrained(base.path)

@@ -191,7 +191,7 @@ def make_big(root: Path, gib: float) -> Path:
 
 # --------------------------------------------------------------------------- running
 
-FLOOR_CODE = "import tailorkit.cli, tailorkit.build, tailorkit.recipe, tailorkit.plan, torch"
+FLOOR_CODE = "import tailorkit.cli, tailorkit.builder, tailorkit.recipe, tailorkit.plan, torch"
 
 
 def measure_build(recipe: Path, out: Path) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import tailorkit as tk
-from tailorkit.assemble import assemble
+from tailorkit.assembly import assemble
 from tailorkit.calibration import text_pieces
 
 METHODS = ("slm", "slm-average", "shortgpt", "angular", "laco", "gptailor", "gptailor-removal")
@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
     p.add_argument("--popsize", type=int, default=12, help="gptailor population")
     p.add_argument("--kl-positions", type=int, help="gptailor: KL on this many positions/window")
+    p.add_argument("--kl-top-k", type=int, help="gptailor: KL on the top k tokens + a bucket")
+    p.add_argument(
+        "--trial-dtype", default="auto", help="gptailor: candidates run in it (auto: its default)"
+    )
     p.add_argument("--json", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
 
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                     "fidelity_windows": args.calibration_windows // 2,
                     "removal_only": method == "gptailor-removal",
                     "kl_positions": args.kl_positions,
+                    "kl_top_k": args.kl_top_k,
+                    "dtype": args.trial_dtype,
                 }
             result = tk.prune(
                 args.base,

@@ -44,7 +44,7 @@ from tailorkit.search.driver import SearchSettings, run_search  # noqa: E402
 from tailorkit.search.executors import LocalExecutor  # noqa: E402
 from tailorkit.search.space import SearchSpace  # noqa: E402
 from tailorkit.similarity import block_influence  # noqa: E402
-from tailorkit.trials import RunnerConfig  # noqa: E402
+from tailorkit.trials import RunnerConfig, TrialRunner  # noqa: E402
 
 
 class NaiveExecutor:
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--random-dir", default="/tmp/tailorkit-random-family")
     p.add_argument("--positions", type=int, help="score the KL on this many positions/window")
+    p.add_argument("--dtype", default="float32", help="the dtype candidates run in")
+    p.add_argument(
+        "--top-k", type=int, help="score the KL on the teacher's top k tokens + a bucket"
+    )
     p.add_argument("--json", default="benchmarks/results/search_speed.json")
     args = p.parse_args(argv)
 
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         candidates=tuple(candidates),
         num_layers=source.num_layers,
         remove=removal_budget(source, args.ratio, source.num_layers - 1),
-        dtype="float32",
+        dtype=args.dtype,
     )
     settings = SearchSettings(
         budget=args.budget,
@@ -184,14 +188,19 @@ def main(argv: list[str] | None = None) -> None:
         base=base,
         windows=windows,
         candidates=dict(zip(space.names, candidates)),
-        objective=Logits(positions=args.positions),
+        objective=Logits(positions=args.positions, top_k=args.top_k),
         batch_size=args.fidelity,
         device=args.device,
+        dtype=args.dtype,
     )
     runs = {
         "caches on": lambda: LocalExecutor(config),
         "caches off": lambda: LocalExecutor(dataclasses.replace(config, caches=False)),
     }
+    approximate = args.positions is not None or args.top_k is not None or args.dtype != "float32"
+    if approximate:  # what the same search costs as before the options: full KL, float32
+        exact = dataclasses.replace(config, caches=False, objective=Logits(), dtype="float32")
+        runs["caches off, full KL, float32"] = lambda: LocalExecutor(exact)
     if not args.no_naive:
         runs["naive loop"] = lambda: NaiveExecutor(config)
     # Warm up (first calls of torch kernels, page cache of the shards), untimed.
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     warm.map([space.decode(x0)], None)
     del warm
 
+    # Every run's result scored alike: the full KL on all calibration windows.
+    judge = TrialRunner(dataclasses.replace(config, objective=Logits(), dtype="float32"))
     rows, results = [], {}
     for name, make in runs.items():
         executor = make()  # setup (mapping, tracing the base, the teacher) is not timed
@@ -215,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             "evaluations": report["evaluations"],
             "evaluations_per_minute": round(report["evaluations"] / seconds * 60, 1),
             "best_fitness": result.fitness,
+            "best_full_kl": judge.score(result.recipe),
             "same_recipe": result.recipe == results["caches on"].recipe,
         }
         for key in ("layer_forwards", "layers_reused", "objective_passes", "scores_reused"):
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     on = rows[0]["evaluations_per_minute"]
     speedups = {r["run"]: on / r["evaluations_per_minute"] for r in rows[1:]}
     same = results["caches off"].fitness == results["caches on"].fitness and rows[1]["same_recipe"]
+    baseline = "caches off, full KL, float32" if approximate else "caches off"
 
     def cell(value, fmt="{}"):
         return "" if value is None else fmt.format(value)
@@ -233,14 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(
         [
             "| run | seconds | evaluations | eval/min | layer forwards | layers reused | "
-            "scores reused | objective passes | layer work saved | best KL | same recipe |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "scores reused | objective passes | layer work saved | best KL | its full KL | "
+            "same recipe |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
             *(
                 f"| {r['run']} | {r['seconds']} | {r['evaluations']} | "
                 f"{r['evaluations_per_minute']} | {cell(r['layer_forwards'])} | "
                 f"{cell(r['layers_reused'])} | {cell(r['scores_reused'])} | "
                 f"{cell(r['objective_passes'])} | {cell(r['layer_work_saved'], '{:.1%}')} | "
-                f"{r['best_fitness']:.6f} | {'yes' if r['same_recipe'] else 'no'} |"
+                f"{r['best_fitness']:.6f} | {r['best_full_kl']:.6f} | "
+                f"{'yes' if r['same_recipe'] else 'no'} |"
                 for r in rows
             ),
             "",
@@ -248,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"caches on vs {name}: {x:.2f}x more evaluations per minute"
                 for name, x in speedups.items()
             ),
-            f"goal (>= 3x vs caches off): {'met' if speedups['caches off'] >= 3 else 'NOT met'}; "
+            f"goal (>= 3x vs {baseline}): "
+            f"{'met' if speedups[baseline] >= 3 else 'NOT met'}; "
             f"caches on and off reach the same recipe and fitness: {same}",
         ]
     )

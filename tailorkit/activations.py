@@ -139,7 +139,7 @@ def _to_disk(states: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
     views = []
     for spec in specs:
         info = header.tensors[spec.name]
-        view = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
+        view = torch.frombuffer(mm, dtype=info.dtype.torch, count=info.numel, offset=info.start)
         views.append(view.reshape(info.shape))
     return views
 

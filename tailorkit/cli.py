@@ -21,7 +21,7 @@ from tailorkit.errors import TailorkitError
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from tailorkit.build import build
+    from tailorkit.builder import build
     from tailorkit.recipe import Recipe
 
     plan = Recipe.load(args.recipe).plan(args.dtype)
@@ -51,7 +51,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         "base_parameters": plan.base_parameters,
         "removed_layer_fraction": round(plan.removed_layer_fraction, 6),
         "removed_parameter_fraction": round(plan.removed_parameter_fraction, 6),
-        "dtype": str(plan.dtype).removeprefix("torch."),
+        "dtype": str(plan.dtype),
         "output_layers": [layer.describe() for layer in plan.layers],
     }
     if args.json:
@@ -213,7 +213,7 @@ def _width_share(text: str) -> float | str:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from tailorkit.methods import METHODS
-    from tailorkit.prune import prune
+    from tailorkit.pruning import prune
 
     _writable("--recipe", args.recipe)
     spec = METHODS[args.method]
@@ -249,7 +249,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    from tailorkit.prune import bridge
+    from tailorkit.pruning import bridge
 
     _writable("--recipe", args.recipe)
     result = bridge(args.recipe_file, device=args.device, **_calibration(args))
@@ -306,7 +306,7 @@ def _write_result(result, args: argparse.Namespace, overwrite: bool, what: str) 
 
 
 def _cmd_heal(args: argparse.Namespace) -> int:
-    from tailorkit.heal import HealSettings, heal
+    from tailorkit.healing import HealSettings, heal
 
     flags = {name: getattr(args, name) for name in HealSettings.model_fields}
     settings = {name: value for name, value in flags.items() if _given(value)}
@@ -343,7 +343,7 @@ def _healed_name(model: str) -> str:
 
 
 def _add_heal_command(sub) -> None:
-    from tailorkit.heal import HealSettings
+    from tailorkit.healing import HealSettings
 
     h = sub.add_parser(
         "heal",
@@ -381,7 +381,7 @@ def _add_heal_command(sub) -> None:
 
 
 def _cmd_cka(args: argparse.Namespace) -> int:
-    from tailorkit.analyze import analyze
+    from tailorkit.analysis import analyze
 
     _writable("--plot", args.plot)
     _writable("--json", args.json)
@@ -686,7 +686,13 @@ def _add_publish_commands(sub) -> None:
     pu.set_defaults(func=_cmd_push)
 
 
-def make_parser() -> argparse.ArgumentParser:
+# Commands that start without torch; the other commands' parsers list the methods'
+# settings, whose modules import it.
+QUICK_COMMANDS = ("build", "validate")
+
+
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; for one of QUICK_COMMANDS, only as much of it as that command needs."""
     from tailorkit.recipe import DTYPES
 
     p = argparse.ArgumentParser(
@@ -723,6 +729,8 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", choices=DTYPES)
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.set_defaults(func=_cmd_validate)
+    if command in QUICK_COMMANDS:
+        return p
 
     g = sub.add_parser(
         "generate", help="greedy text from a built model, or from a recipe assembled in memory"
@@ -760,7 +768,8 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = make_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = make_parser(command).parse_args(argv)
     args.argv = argv  # recorded in model cards: the exact command that made the model
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tailorkit.assemble import assemble
+from tailorkit.assembly import assemble
 from tailorkit.checkpoint.source import Source
 from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError
@@ -131,14 +131,22 @@ class DecoderStack:
     @torch.no_grad()
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         """What the model's forward returns as logits (Gemma 2's final soft-capping included)."""
-        logits = self.head(self.final(state))
+        return self._capped(self.head(self.final(state)))
+
+    @torch.no_grad()
+    def token_logits(self, state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What ``logits`` gives at tokens ``ids`` (K,) only, (..., K), for K/V of its cost."""
+        logits = self.final(state) @ self.head.weight[ids].T
+        if getattr(self.head, "bias", None) is not None:
+            logits = logits + self.head.bias[ids]
+        return self._capped(logits)
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
         config = self.model.config
         cap = getattr(
             getattr(config, "get_text_config", lambda: config)(), "final_logit_softcapping", None
         )
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _hidden(output) -> torch.Tensor:

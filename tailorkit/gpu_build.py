@@ -188,14 +188,14 @@ class _Lane:
                     dev.copy_(host, non_blocking=True)
                 else:
                     dev = host
-                views.append(dev.view(inp.info.dtype))
+                views.append(dev.view(inp.info.dtype.torch))
             out_nbytes = task.count * itemsize(job.dtype)
             if self.on_cuda:
                 out = self._buffer(self._dev_out, 0, out_nbytes, job.dtype, "device")
             else:
                 out = self._buffer(self._host_out, 0, out_nbytes, job.dtype, "host")
-            merged = out.view(job.dtype)
-            ops.weighted_sum(views, list(task.coefficients), job.dtype, out=merged)
+            merged = out.view(job.dtype.torch)
+            ops.weighted_sum(views, list(task.coefficients), job.dtype.torch, out=merged)
             check = job.layer.method != "passthrough"  # as the CPU path: a copy is not checked
             if check:
                 self._flag.copy_(torch.isfinite(merged).all(), non_blocking=self.on_cuda)

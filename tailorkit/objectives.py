@@ -4,6 +4,8 @@
   (default: KL(base || trial) of the next-token distributions, mean per token; cheap,
   smooth, needs no labels), ``loss`` (the trial's LM loss) and ``lm_eval`` (1 - the mean
   primary metric of lm-eval tasks with a sample limit: the paper's objective, slow).
+  ``top_k`` makes ``kl`` cheap at a large vocabulary: the teacher's K likeliest tokens and
+  one bucket for the rest (see :class:`TopKTeacher`).
 * :class:`FinalStates` -- how alike the trial's final hidden states are to the base
   model's (linear CKA, or mean cosine per token), by default past the attention-sink
   tokens: what SLM and LaCo decide by.
@@ -24,6 +26,9 @@ from tailorkit.similarity import cka_from_hsic, hsic_minibatches
 TOKEN_OBJECTIVES = ("kl", "loss")
 OBJECTIVES = (*TOKEN_OBJECTIVES, "lm_eval")
 SIMILARITIES = ("cka", "cosine")
+# Tokens outside the teacher's top k whose logits estimate a trial's mass in the rest: one
+# fixed random sample, the same for every trial and position.
+TAIL_SAMPLE = 1024
 
 
 class Objective:
@@ -46,14 +51,21 @@ class Logits(Objective):
     # same for every trial (None: all): the LM head and the vocabulary-wide sums then cost
     # that share of a full pass.
     positions: int | None = None
+    # Score the KL on the teacher's top_k tokens and one bucket for all others (None: on the
+    # whole vocabulary): the LM head then computes top_k + TAIL_SAMPLE logits per position.
+    top_k: int | None = None
 
     @classmethod
     def parse(
-        cls, spec: str | dict[str, float], lm_eval: dict | None = None, positions: int | None = None
+        cls,
+        spec: str | dict[str, float],
+        lm_eval: dict | None = None,
+        positions: int | None = None,
+        top_k: int | None = None,
     ) -> Logits:
         """``"kl"``, ``"kl+0.5*loss"`` or ``{"kl": 1, "loss": 0.5}``; ``lm_eval``:
-        ``{"tasks": [...], "limit": N}`` for the ``lm_eval`` term; ``positions``: see the
-        field."""
+        ``{"tasks": [...], "limit": N}`` for the ``lm_eval`` term; ``positions`` and
+        ``top_k``: see the fields."""
         if isinstance(spec, dict):
             weights = {str(k): float(v) for k, v in spec.items()}
         else:
@@ -80,7 +92,12 @@ class Logits(Objective):
             tasks = (tuple(settings["tasks"]), int(settings.get("limit", 100)))
         if positions is not None and positions < 1:
             raise MethodError(f"positions must be at least 1, got {positions}")
-        return cls(tuple(weights.items()), tasks, positions)
+        if top_k is not None and (top_k < 1 or "loss" in weights):
+            raise MethodError(
+                f"top_k {top_k}: must be at least 1, and approximates the kl term only "
+                "(the loss needs every logit of the target's softmax)"
+            )
+        return cls(tuple(weights.items()), tasks, positions, top_k)
 
     @property
     def tokens(self) -> list[str]:
@@ -100,13 +117,19 @@ class Logits(Objective):
         if "kl" not in self.tokens:
             return None
         at = self.scored(runner.traces[batch].input_ids.shape[1])
-        name = ("teacher", self.positions)
-        return runner.reference(name, batch, lambda t: Teacher.of(runner.stack, t, at))
+        name = ("teacher", self.positions, self.top_k)
+        if self.top_k:
+            make = lambda t: TopKTeacher.of(runner.stack, t, at, self.top_k)  # noqa: E731
+        else:
+            make = lambda t: Teacher.of(runner.stack, t, at)  # noqa: E731
+        return runner.reference(name, batch, make)
 
     def on_batch(self, runner, batch: int, state: torch.Tensor) -> dict:
         trace = runner.traces[batch]
         at = self.scored(trace.input_ids.shape[1])
         teacher = self.reference(runner, batch)
+        if self.top_k:
+            return {"kl": top_k_kl(runner.stack, state, teacher, at)}
         return token_sums(self.tokens, runner.stack, state, trace, teacher, at)
 
     def reduce(self, runner, layers: tuple, parts: list) -> float:
@@ -186,6 +209,72 @@ class Teacher:
         return cls(probs.float(), (probs * logp).sum(-1), probs.sum(-1))
 
 
+@dataclass
+class TopKTeacher:
+    """The base model's next-token distribution on one batch, reduced for a cheap KL: its
+    ``k`` likeliest tokens per position (``ids``, ``probs``) and the rest as one bucket
+    (``tail``: its mass). A trial's mass in that bucket is estimated from the logits of a
+    fixed random sample of tokens (``sample``), each standing for ``weight`` tokens (0 where
+    it is among the position's top k). The KL between the bucketed distributions is at most
+    the full KL (merging outcomes loses information) and equals it when the top k hold all
+    the mass. A trial's head computes only the logits of ``tokens``, the tokens any position
+    needs (a few thousand of SmolLM2's 49k, where one shared matrix product is cheaper
+    than gathering weight rows per position).
+    """
+
+    tokens: torch.Tensor  # (U,) int64: the top-k tokens of every position and the sample
+    ids: torch.Tensor  # (B, T, k) int64: each position's top k, as indices into ``tokens``
+    probs: torch.Tensor  # (B, T, k) float64
+    tail: torch.Tensor  # (B, T) float64
+    neg_entropy: torch.Tensor  # (B, T) float64, of the bucketed distribution
+    sample: torch.Tensor  # (m,) int64: the sample, as indices into ``tokens``
+    weight: torch.Tensor  # (B, T, m) float64
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, stack: DecoderStack, trace: Trace, at: torch.Tensor | None, k: int):
+        state = trace.states[-1] if at is None else trace.states[-1][:, at]
+        logp = torch.log_softmax(stack.logits(state).double(), dim=-1)
+        vocab = logp.shape[-1]
+        top, ids = logp.topk(min(k, vocab), dim=-1)
+        probs = top.exp()
+        tail = (1 - probs.sum(-1)).clamp_min(0)
+        neg_entropy = (probs * top).sum(-1) + torch.xlogy(tail, tail)
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randperm(vocab, generator=generator)[: min(TAIL_SAMPLE, vocab)]
+        sample = sample.to(ids.device)
+        in_top = (ids.unsqueeze(-1) == sample).any(-2)  # (B, T, m)
+        others = (~in_top).sum(-1, keepdim=True).clamp_min(1)
+        weight = (~in_top).double() * (vocab - ids.shape[-1]) / others
+        tokens, at = torch.cat([ids.reshape(-1), sample]).unique(return_inverse=True)
+        top_at, sample_at = at[: ids.numel()].reshape(ids.shape), at[ids.numel() :]
+        return cls(tokens, top_at, probs, tail, neg_entropy, sample_at, weight)
+
+
+@torch.no_grad()
+def top_k_kl(
+    stack: DecoderStack, state: torch.Tensor, teacher: TopKTeacher, at: torch.Tensor | None
+) -> tuple[float, int]:
+    """(sum over tokens, token count) of the bucketed KL(base || trial) on one batch."""
+    hidden = state if at is None else state[:, at]
+    logits = stack.token_logits(hidden, teacher.tokens).double()  # (B, T, U)
+    top = logits.gather(-1, teacher.ids)  # (B, T, k)
+    rest = logits[..., teacher.sample]  # (B, T, m)
+    shift = torch.maximum(top.amax(-1), rest.amax(-1)).unsqueeze(-1)
+    top, rest = top - shift, rest - shift
+    tail = (rest.exp() * teacher.weight).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    log_z = (top.exp().sum(-1) + tail).log()
+    # KL = sum_S p (log p - log q) + p_T (log p_T - log q_T), log q = z - log Z.
+    mass = teacher.probs.sum(-1) + teacher.tail
+    per_token = (
+        teacher.neg_entropy
+        - (teacher.probs * top).sum(-1)
+        - teacher.tail * tail.log()
+        + mass * log_z
+    )
+    return float(per_token.sum()), per_token.numel()
+
+
 @torch.no_grad()
 def token_sums(
     names: Sequence[str],
@@ -226,7 +315,7 @@ def lm_eval_error(recipe, tasks: Sequence[str], limit: int) -> float:
     """1 - the mean primary metric of lm-eval ``tasks`` (at most ``limit`` documents each)."""
     from transformers import AutoTokenizer
 
-    from tailorkit.assemble import assemble
+    from tailorkit.assembly import assemble
     from tailorkit.eval.tasks import run_tasks
 
     plan = recipe.plan()

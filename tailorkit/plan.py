@@ -10,10 +10,9 @@ streamed checkpoint and the in-memory model cannot disagree.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tailorkit.checkpoint.architecture import (
     get_path,
@@ -22,11 +21,15 @@ from tailorkit.checkpoint.architecture import (
     mlp_output,
     set_path,
 )
-from tailorkit.checkpoint.safetensors_format import TensorInfo
+from tailorkit.checkpoint.safetensors_format import DType, TensorInfo, as_dtype
 from tailorkit.checkpoint.source import Source
 from tailorkit.errors import CheckpointError, RecipeError, TailorkitError
-from tailorkit.merge import Gather, check_finite, merge_chunks, merge_tensor
 from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
+
+if TYPE_CHECKING:  # a plan is made without torch: only its merges need it
+    import torch
+
+    from tailorkit.merge import Gather
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
 
@@ -50,6 +53,10 @@ class Fold:
     side: str
 
     def apply(self, merged: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+        import torch
+
+        from tailorkit.merge import check_finite
+
         t, m = self.bridge.to(merged.device, torch.float64), merged.double()
         out = (t.T @ m if self.side == "left" else m @ t).to(dtype)
         check_finite(out, where)
@@ -62,7 +69,7 @@ class TensorJob:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     layer: OutputLayer  # the method and its coefficients (passthrough for non-layer tensors)
     inputs: tuple[Input, ...]
     base: Input | None = None
@@ -72,11 +79,11 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
     @property
     def numel(self) -> int:
-        return torch.Size(self.shape).numel()
+        return math.prod(self.shape)
 
     @property
     def is_raw_copy(self) -> bool:
@@ -105,25 +112,31 @@ class TensorJob:
 
     def merge(self, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         """The whole output tensor from its inputs' tensors (mapped views, or device copies)."""
+        import torch
+
+        from tailorkit.merge import merge_tensor
+
         if self.fold is None:
             return merge_tensor(
-                self.layer, inputs, base, self.dtype, where=self.where, gather=self.gather
+                self.layer, inputs, base, self.dtype.torch, where=self.where, gather=self.gather
             )
         # Kept channels are rows or columns the fold does not mix: gather first, it is less.
         merged = merge_tensor(
             self.layer, inputs, base, torch.float32, where=self.where, gather=self.gather
         )
-        return self.fold.apply(merged, self.dtype, self.where)
+        return self.fold.apply(merged, self.dtype.torch, self.where)
 
     def chunks(self):
         """The flattened output a chunk at a time (for the streaming writer); a folded
         tensor in one piece, as the fold's product needs all of it."""
+        from tailorkit.merge import merge_chunks
+
         if self.fold is not None:
             return iter([self.compute().reshape(-1)])
         base = self.base.view() if self.base else None
         inputs = [i.view() for i in self.inputs]
         return merge_chunks(
-            self.layer, inputs, base, self.dtype, where=self.where, gather=self.gather
+            self.layer, inputs, base, self.dtype.torch, where=self.where, gather=self.gather
         )
 
     def check_unchanged(self) -> None:
@@ -150,7 +163,7 @@ class Plan:
     sources: dict[str, Source]
     jobs: list[TensorJob]
     config: dict[str, Any]
-    dtype: torch.dtype
+    dtype: DType
     layers: list[OutputLayer]
 
     @property
@@ -192,7 +205,7 @@ class Plan:
             f"{self.removed_layer_fraction:.1%} removed), "
             + (f"{width.intermediate_size} MLP channels per layer, " if width else "")
             + f"{self.num_parameters:,} parameters ({self.removed_parameter_fraction:.1%} removed), "
-            f"dtype {str(self.dtype).removeprefix('torch.')}"
+            f"dtype {self.dtype}"
         )
 
 
@@ -207,13 +220,15 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
 
 
 def make_plan(
-    recipe: Recipe, dtype: str | torch.dtype | None = None, sources: dict[str, Source] | None = None
+    recipe: Recipe,
+    dtype: str | DType | torch.dtype | None = None,
+    sources: dict[str, Source] | None = None,
 ) -> Plan:
     """Validate ``recipe`` against its sources and list every output tensor."""
     sources = sources or open_sources(recipe)
     base = sources[recipe.base_model]
     _check_compatible(base, sources)
-    out_dtype = torch_dtype(dtype or recipe.dtype or base.dtype)
+    out_dtype = plan_dtype(dtype or recipe.dtype or base.dtype)
 
     _check_ranges(recipe, sources)  # before expanding them: [0, 10**12) must not be listed
     layers = recipe.output_layers()
@@ -243,13 +258,16 @@ def _check_ranges(recipe: Recipe, sources: dict[str, Source]) -> None:
                 )
 
 
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A dtype name (one of ``recipe.DTYPES``) or a torch.dtype, checked."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
+def plan_dtype(dtype: str | DType | torch.dtype) -> DType:
+    """A dtype name (one of ``recipe.DTYPES``), a DType or a torch.dtype, checked."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
         raise RecipeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
+    return as_dtype(dtype)
+
+
+def torch_dtype(dtype: str | DType | torch.dtype) -> torch.dtype:
+    """``plan_dtype``'s answer as a torch.dtype."""
+    return plan_dtype(dtype).torch
 
 
 def _check_compatible(base: Source, sources: dict[str, Source]) -> None:
@@ -266,7 +284,7 @@ def _check_compatible(base: Source, sources: dict[str, Source]) -> None:
                 )
 
 
-def _passthrough_job(name: str, src: Source, base: Source, dtype: torch.dtype) -> TensorJob:
+def _passthrough_job(name: str, src: Source, base: Source, dtype: DType) -> TensorJob:
     ref = base.tensors[name]
     info = src.tensors.get(name)
     if info is None:
@@ -279,7 +297,7 @@ def _passthrough_job(name: str, src: Source, base: Source, dtype: torch.dtype) -
     return TensorJob(name, info.shape, _out_dtype(info, dtype), PASSTHROUGH, (Input(src, info),))
 
 
-def _out_dtype(info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+def _out_dtype(info: TensorInfo, dtype: DType) -> DType:
     # Integer and bool buffers keep their type; only floating tensors are cast.
     return dtype if info.dtype.is_floating_point else info.dtype
 
@@ -288,7 +306,7 @@ def layer_jobs(
     out_index: int,
     layer: OutputLayer,
     sources: dict[str, Source],
-    dtype: torch.dtype,
+    dtype: DType | torch.dtype,
     base_model: str = "base",
     fitted: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, TensorJob]:
@@ -296,7 +314,7 @@ def layer_jobs(
     weight``): what the build writes, and what the trial runner runs a candidate layer with.
     ``base_model`` names the model whose layout and tensor names the output takes;
     ``fitted`` holds the bridges the layer may name."""
-    base = sources[base_model]
+    base, dtype = sources[base_model], as_dtype(dtype)
     where = f"output layer {out_index} ({layer.describe()})"
     refs = list(layer.sources) + ([layer.base] if layer.base else [])
     tensors = []
@@ -339,6 +357,10 @@ def _gathers(layer: OutputLayer, tensors: dict[str, TensorInfo], where: str) -> 
     """The tensors of ``layer`` that keep only its channels, by name inside the layer."""
     if layer.channels is None:
         return {}
+    import torch
+
+    from tailorkit.merge import Gather
+
     try:
         mlp = mlp_channels({name: info.shape for name, info in tensors.items()}, where)
     except CheckpointError as e:
@@ -407,7 +429,7 @@ def _same_layout(
 
 
 def _output_config(
-    base: Source, sources: dict[str, Source], layers: list[OutputLayer], dtype: torch.dtype
+    base: Source, sources: dict[str, Source], layers: list[OutputLayer], dtype: DType
 ) -> dict:
     config = copy.deepcopy(base.config)
     set_path(config, base.arch.layer_count_path, len(layers))
@@ -422,7 +444,7 @@ def _output_config(
                 ]
             )
         set_path(config, path, values)
-    name = str(dtype).removeprefix("torch.")
+    name = str(dtype)
     config["dtype"] = name
     if "torch_dtype" in config:
         config["torch_dtype"] = name

@@ -33,7 +33,7 @@ class PruneResult:
     @cached_property
     def model(self):
         """The pruned model, assembled in memory (no disk write)."""
-        from tailorkit.assemble import assemble
+        from tailorkit.assembly import assemble
 
         return assemble(self.plan)
 
@@ -67,7 +67,7 @@ class PruneResult:
         card), report.json and the figures; atomically, like :func:`tailorkit.build`."""
         import json
 
-        from tailorkit.build import build
+        from tailorkit.builder import build
 
         extra = {path.name: path for path in self.images.values()} | dict(self.files)
         report = json.dumps(self.report, indent=1, default=str) + "\n"
@@ -85,7 +85,7 @@ class PruneResult:
     def heal(self, **kwargs):
         """Distil the dense model back into this one (see :func:`tailorkit.heal`);
         returns a HealResult, which saves and pushes like this."""
-        from tailorkit.heal import heal
+        from tailorkit.healing import heal
 
         return heal(self, **kwargs)
 

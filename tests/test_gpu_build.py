@@ -20,7 +20,7 @@ import torch
 
 import tailorkit as tk
 from tailorkit import ops
-from tailorkit.build import _write_weights
+from tailorkit.builder import _write_weights
 from tailorkit.checkpoint.writer import parse_size
 from tailorkit.cli import main as cli
 from tailorkit.devices import resolve_device

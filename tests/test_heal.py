@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tailorkit as tk
 from tailorkit.cli import main
 from tailorkit.errors import HealError
-from tailorkit.heal.losses import TopKCache, kl_full, kl_top_k, teacher_top_k
-from tailorkit.heal.trainer import Trainer
+from tailorkit.healing.losses import TopKCache, kl_full, kl_top_k, teacher_top_k
+from tailorkit.healing.trainer import Trainer
 
 LAYERS = 6
 # Layers 3 and 4 are removed: output layers 2 and 3 sit on either side of the gap.

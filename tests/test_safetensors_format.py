@@ -29,7 +29,7 @@ def test_reads_what_safetensors_wrote(tmp_path):
     save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     header = read_header(tmp_path / "x.safetensors")
     assert header.metadata == {"format": "pt"}
-    assert {n: (t.dtype, t.shape) for n, t in header.tensors.items()} == {
+    assert {n: (t.dtype.torch, t.shape) for n, t in header.tensors.items()} == {
         n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()
     }
     data = (tmp_path / "x.safetensors").read_bytes()

@@ -198,6 +198,97 @@ def test_kl_positions_through_the_runner(space, family, tokens):
     assert few.score(recipe) == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
 
 
+class _Head(torch.nn.Module):
+    """An LM head over given hidden states (no final norm), for the top-k KL tests."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight.T
+
+
+def _head_stack(weight: torch.Tensor):
+    from tailorkit.forward import DecoderStack
+
+    stack = object.__new__(DecoderStack)  # only the head: final() and logits() need no model
+    stack.head, stack.norm, stack.model = _Head(weight), None, SimpleNamespace(config=object())
+    return stack
+
+
+def _bucketed_kl(p_logits, q_logits, k):
+    """The KL of the teacher's top-k tokens plus one bucket for the rest, every logit known."""
+    p = torch.log_softmax(p_logits.double(), -1).exp()
+    q = torch.log_softmax(q_logits.double(), -1).exp()
+    top = p.topk(k, -1).indices
+    rest = torch.ones_like(p, dtype=torch.bool).scatter_(-1, top, False)
+    p_s, q_s = p.gather(-1, top), q.gather(-1, top)
+    p_t, q_t = (p * rest).sum(-1), (q * rest).sum(-1)
+    tail = torch.xlogy(p_t, p_t) - torch.xlogy(p_t, q_t)  # 0 when the top k hold everything
+    return float(((p_s * (p_s / q_s).log()).sum(-1) + tail).sum())
+
+
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_top_k_kl_is_the_bucketed_kl_when_the_sample_covers_the_vocabulary(gen, k):
+    """With a vocabulary smaller than TAIL_SAMPLE the trial's tail mass is exact: the top-k
+    KL is the KL of the bucketed distributions, at most the full KL, equal with k = V."""
+    vocab, d = 40, 16
+    stack = _head_stack(torch.randn(vocab, d, generator=gen))
+    teacher_h = torch.randn(2, 12, d, generator=gen)
+    student_h = teacher_h + 0.5 * torch.randn(2, 12, d, generator=gen)
+    teacher = objectives.TopKTeacher.of(stack, SimpleNamespace(states=[teacher_h]), None, k)
+    total, count = objectives.top_k_kl(stack, student_h, teacher, None)
+    p_logits, q_logits = stack.logits(teacher_h), stack.logits(student_h)
+    full = objectives.Teacher.of(stack, SimpleNamespace(states=[teacher_h]))
+    ids = SimpleNamespace(input_ids=torch.zeros(2, 12, dtype=torch.long))
+    exact = objectives.token_sums(["kl"], stack, student_h, ids, full)["kl"][0]
+    assert count == 24
+    assert total == pytest.approx(_bucketed_kl(p_logits, q_logits, k), rel=1e-6)  # float32 logits
+    assert total <= exact * (1 + 1e-6)  # up to float32 rounding of the logits
+    if k == vocab:
+        assert total == pytest.approx(exact, rel=1e-6)
+
+
+def test_top_k_kl_at_a_real_vocabulary_ranks_trials_as_the_full_kl(gen):
+    """At SmolLM2's vocabulary the tail is estimated from TAIL_SAMPLE tokens: trials further
+    from the teacher still score higher, and where the top k hold most of the teacher's mass
+    (here ~99%, logits of std ~6) each score stays near the full KL."""
+    vocab, d = 49152, 64
+    stack = _head_stack(torch.randn(vocab, d, generator=gen) / 4)
+    teacher_h = 3 * torch.randn(2, 16, d, generator=gen)
+    teacher = objectives.TopKTeacher.of(stack, SimpleNamespace(states=[teacher_h]), None, 256)
+    assert float(teacher.tail.mean()) < 0.05
+    full = objectives.Teacher.of(stack, SimpleNamespace(states=[teacher_h]))
+    noise = torch.randn(2, 16, d, generator=gen)
+    ids = SimpleNamespace(input_ids=torch.zeros(2, 16, dtype=torch.long))
+    approx, exact = [], []
+    for scale in (0.1, 0.3, 0.6, 1.0, 1.5):
+        student_h = teacher_h + scale * noise
+        approx.append(objectives.top_k_kl(stack, student_h, teacher, None)[0])
+        exact.append(objectives.token_sums(["kl"], stack, student_h, ids, full)["kl"][0])
+    assert approx == sorted(approx) and exact == sorted(exact)
+    for a, e in zip(approx, exact):
+        assert a == pytest.approx(e, rel=0.2)
+
+
+def test_top_k_through_the_runner_and_its_errors(space, family, tokens):
+    """The runner's top-k score is the bucketed KL of the assembled models (the tiny
+    vocabulary is below TAIL_SAMPLE, so exact); loss cannot be approximated this way."""
+    config = _config(family, tokens)
+    top = TrialRunner(dataclasses.replace(config, objective=objectives.Logits(top_k=5)))
+    recipe = space.decode(space.initial([1, 2, 3, 4]))
+    base = AutoModelForCausalLM.from_pretrained(space.base)
+    with torch.no_grad():
+        p, q = base(input_ids=tokens).logits, tk.assemble(recipe)(input_ids=tokens).logits
+    expected = _bucketed_kl(p, q, 5) / p.shape[0] / p.shape[1]
+    assert top.score(recipe) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(tk.TailorkitError, match="kl term only"):
+        objectives.Logits.parse("kl+loss", top_k=8)
+    with pytest.raises(tk.TailorkitError, match="at least 1"):
+        objectives.Logits.parse("kl", top_k=0)
+
+
 def test_lm_eval_objective_scores_the_assembled_candidate_once(space, family, tokens):
     from transformers import AutoTokenizer
 
@@ -391,3 +482,18 @@ def test_evaluator_on_cuda_agrees_with_the_cpu_and_its_caches_change_nothing(spa
         assert on == uncached.score(recipe, windows=4)
         assert gpu.score(recipe) == uncached.score(recipe)
     assert gpu.stats.layers_reused > 0 and gpu.stats.scores_reused > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_trial_dtype_is_bfloat16_for_a_bfloat16_checkpoint_on_native_hardware(
+    tiny_model_factory, family, monkeypatch, native
+):
+    from tailorkit.checkpoint.source import Source
+    from tailorkit.methods import gptailor
+
+    monkeypatch.setattr(gptailor, "computes_bfloat16", lambda device: native)
+    bf16 = Source(str(tiny_model_factory("llama", dtype=torch.bfloat16)))
+    f32 = Source(str(family.base))
+    assert gptailor.trial_dtype("auto", bf16, "cpu") == ("bfloat16" if native else "float32")
+    assert gptailor.trial_dtype("auto", f32, "cpu") == "float32"
+    assert gptailor.trial_dtype("float16", bf16, "cpu") == "float16"

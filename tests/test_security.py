@@ -295,7 +295,7 @@ def test_pickle_checkpoints_are_refused_everywhere(pickle_model, tmp_path, capsy
 
 
 def test_a_model_that_needs_remote_code_is_refused(family, tmp_path):
-    from tailorkit.assemble import config_from_dict
+    from tailorkit.assembly import config_from_dict
 
     config = json.loads((family.base / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}

@@ -48,9 +48,9 @@ def read(path: Path, sha256: str, where: str) -> dict[str, torch.Tensor]:
         )
     header = read_header(path, data)
     return {
-        name: torch.frombuffer(bytearray(data[info.start : info.end]), dtype=info.dtype).reshape(
-            info.shape
-        )
+        name: torch.frombuffer(
+            bytearray(data[info.start : info.end]), dtype=info.dtype.torch
+        ).reshape(info.shape)
         for name, info in header.tensors.items()
     }
 

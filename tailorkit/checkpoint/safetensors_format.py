@@ -19,41 +19,73 @@ import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tailorkit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 # Largest header we accept; the reference implementation uses the same bound.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+
+@dataclass(frozen=True)
+class DType:
+    """A tensor dtype as the file spells it, known without importing torch: reading
+    headers, planning a build and copying unchanged tensors need only names and sizes, so
+    ``tailorkit build`` starts moving bytes while torch is still loading."""
+
+    name: str  # safetensors' spelling, "BF16"
+    torch_name: str  # "bfloat16"
+    itemsize: int
+    is_floating_point: bool
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
+
+    def __str__(self) -> str:
+        return self.torch_name
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("F64", "float64", 8, True),
+        DType("F32", "float32", 4, True),
+        DType("F16", "float16", 2, True),
+        DType("BF16", "bfloat16", 2, True),
+        DType("I64", "int64", 8, False),
+        DType("I32", "int32", 4, False),
+        DType("I16", "int16", 2, False),
+        DType("I8", "int8", 1, False),
+        DType("U8", "uint8", 1, False),
+        DType("BOOL", "bool", 1, False),
+    )
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_BY_TORCH_NAME = {d.torch_name: d for d in DTYPES.values()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors spelling of a torch dtype."""
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise CheckpointError(
-            f"dtype {dtype} cannot be stored in safetensors by tailorkit"
-        ) from None
+def as_dtype(dtype: DType | torch.dtype | str) -> DType:
+    """A DType from itself, a torch dtype or a torch name ("bfloat16")."""
+    if isinstance(dtype, DType):
+        return dtype
+    found = _BY_TORCH_NAME.get(str(dtype).removeprefix("torch."))
+    if found is None:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors by tailorkit")
+    return found
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_name(dtype: DType | torch.dtype) -> str:
+    """The safetensors spelling of a dtype."""
+    return as_dtype(dtype).name
+
+
+def itemsize(dtype: DType | torch.dtype) -> int:
+    return as_dtype(dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -61,7 +93,7 @@ class TensorInfo:
     """Where one tensor lives: its file and its absolute byte span in it."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: Path
     start: int  # absolute offset in the file

@@ -8,20 +8,29 @@ to the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tailorkit.checkpoint import builtin
 from tailorkit.checkpoint.architecture import Architecture, detect
-from tailorkit.checkpoint.safetensors_format import Header, TensorInfo, itemsize, read_header
+from tailorkit.checkpoint.safetensors_format import (
+    DTYPES,
+    DType,
+    Header,
+    TensorInfo,
+    as_dtype,
+    read_header,
+)
 from tailorkit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -94,16 +103,17 @@ class Source:
         return self.arch.num_layers
 
     @cached_property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> DType:
         """The checkpoint's dtype: config.json's if it names one, else the commonest float dtype."""
         name = self.config.get("dtype") or self.config.get("torch_dtype")
-        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        counts: dict[torch.dtype, int] = {}
+        if isinstance(name, str):
+            with contextlib.suppress(CheckpointError):
+                return as_dtype(name)
+        counts: dict[DType, int] = {}
         for t in self.tensors.values():
             if t.dtype.is_floating_point:
                 counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
-        return max(counts, key=counts.__getitem__) if counts else torch.float32
+        return max(counts, key=counts.__getitem__) if counts else DTYPES["F32"]
 
     def layer(self, index: int) -> dict[str, TensorInfo]:
         """The tensors of decoder layer ``index``, keyed by the name after the layer index."""
@@ -119,15 +129,17 @@ class Source:
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         """A zero-copy tensor over the mapped shard (copy-on-write: never changes the file)."""
+        import torch
+
+        dtype = info.dtype.torch
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(info.shape, dtype=dtype)
         mm = self._map(info.file)
-        if info.start % itemsize(info.dtype):
+        if info.start % info.dtype.itemsize:
             # Unaligned span (legal in safetensors): torch needs alignment, so copy.
             data = bytearray(mm[info.start : info.end])
-            return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
-        count = info.numel
-        return torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.start).reshape(
+            return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+        return torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start).reshape(
             info.shape
         )
 

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -26,11 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from tailorkit.checkpoint.safetensors_format import dtype_name, itemsize
+from tailorkit.checkpoint.safetensors_format import DType, dtype_name, itemsize
 from tailorkit.errors import CheckpointError, TailorkitError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,12 @@ def parse_size(text: str | int, what: str = "shard size") -> int:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: torch.dtype
+    dtype: DType | torch.dtype
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * itemsize(self.dtype)
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 def split_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -127,6 +130,8 @@ class ShardWriter:
 
     def write(self, name: str, data: torch.Tensor, at: int = 0) -> int:
         """Write a tensor, or its next flat chunk, at byte ``at`` of ``name``; returns its size."""
+        import torch
+
         start, end = self.offsets[name]
         buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         if start + at + len(buf) > end:

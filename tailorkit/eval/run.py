@@ -104,7 +104,7 @@ def load_model(
     is_result = hasattr(model, "recipe") and hasattr(model, "plan") and hasattr(model, "model")
     if isinstance(model, (Recipe, Plan)) or is_result:
         # A recipe or plan (assembled in memory), or a PruneResult (its model, assembled).
-        from tailorkit.assemble import assemble
+        from tailorkit.assembly import assemble
 
         if isinstance(model, Recipe):
             plan = model.plan(

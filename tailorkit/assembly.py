@@ -45,7 +45,7 @@ def assemble(recipe: Recipe | Plan | str, *, dtype: str | None = None):
         plan = (recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)).plan(dtype)
     config = config_from_dict(plan.config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype.torch)
     state = {job.name: job.compute() for job in plan.jobs}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:

@@ -2,8 +2,11 @@
 
 Reads each needed source byte once and writes each output byte once: unchanged
 tensors are copied file-to-file, merged ones are computed a chunk at a time and
-written at their final offset.  The directory appears at its target path only
-when complete.  With ``device="cuda"`` the merges run on the GPU, streamed
+written at their final offset.  The copies run on a thread of their own from the
+start, while the merges are computed on this one: nothing on the way to the first
+copied byte imports torch (plan, headers and writer work with dtype names), so the
+copies overlap torch's import (by the first merge) as well as the merges.  The directory appears at its
+target path only when complete.  With ``device="cuda"`` the merges run on the GPU, streamed
 through pinned buffers with reads, transfers, kernels and writes overlapped
 (tailorkit/gpu_build.py); the files are byte-identical to the CPU build's.
 """
@@ -14,9 +17,11 @@ import contextlib
 import json
 import logging
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from tailorkit.checkpoint.source import Source
@@ -28,11 +33,14 @@ from tailorkit.checkpoint.writer import (
     shard_names,
     split_shards,
 )
-from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError, TailorkitError
-from tailorkit.gpu_build import DeviceStreamer
 from tailorkit.plan import Plan, TensorJob
 from tailorkit.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from tailorkit.gpu_build import DeviceStreamer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ def build(
     GPU and writes the same bytes; asking for CUDA where there is none raises a
     TailorkitError saying why, before anything is written.
     """
-    target = resolve_device(device)
+    target = _cuda_device(device)
     plan = recipe if isinstance(recipe, Plan) else _as_recipe(recipe).plan(dtype)
     max_bytes = parse_size(shard_size)
     for name in (*(extra_files or {}), *(extra_texts or {})):
@@ -157,9 +165,24 @@ def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
 
 
-def _streamer(device: torch.device):
+def _cuda_device(device: str | torch.device) -> torch.device | None:
+    """The CUDA device to merge on, or None for the CPU path (decided without torch when
+    the answer is plainly the CPU, so that path starts without waiting for it)."""
+    if isinstance(device, str) and device == "cpu":
+        return None
+    from tailorkit.devices import resolve_device
+
+    target = resolve_device(device)
+    return target if target.type == "cuda" else None
+
+
+def _streamer(device: torch.device | None):
     """The GPU pipeline for a CUDA device (a context manager), or None for the CPU path."""
-    return DeviceStreamer(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device is None:
+        return contextlib.nullcontext()
+    from tailorkit.gpu_build import DeviceStreamer
+
+    return DeviceStreamer(device)
 
 
 def _write_weights(
@@ -169,35 +192,96 @@ def _write_weights(
     specs = [TensorSpec(j.name, j.dtype, j.shape) for j in plan.jobs]
     shards = split_shards(specs, max_bytes)
     names = shard_names(len(shards))
-    weight_map: dict[str, str] = {}
     plan.check_unchanged()
-    with tqdm(
-        total=plan.nbytes, unit="B", unit_scale=True, desc="build", disable=not progress
-    ) as bar:
+    with (
+        contextlib.ExitStack() as files,
+        tqdm(
+            total=plan.nbytes, unit="B", unit_scale=True, desc="build", disable=not progress
+        ) as bar,
+    ):
+        writers = []
         for file, shard in zip(names, shards):
-            writer = ShardWriter(out / file, shard)
-            try:
-                if streamer is None:
-                    for spec in shard:
-                        _write_tensor(writer, jobs[spec.name])
-                        bar.update(spec.nbytes)
-                else:
-                    streamer.write_shard(writer, [jobs[s.name] for s in shard], bar.update)
-                weight_map.update((spec.name, file) for spec in shard)
-            finally:
-                writer.close()
+            writers.append(ShardWriter(out / file, shard))
+            files.callback(writers[-1].close)
+        if streamer is not None:
+            for writer, shard in zip(writers, shards):
+                streamer.write_shard(writer, [jobs[s.name] for s in shard], bar.update)
+        else:
+            placed = [(w, jobs[s.name]) for w, shard in zip(writers, shards) for s in shard]
+            _write_all(placed, _locked(bar.update))
     # A source rewritten while we read it would have produced garbage: say so instead.
     plan.check_unchanged()
+    weight_map = {spec.name: file for file, shard in zip(names, shards) for spec in shard}
     if len(names) > 1:
         index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
         _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
 
+def _locked(update: Callable[[int], object]) -> Callable[[int], None]:
+    lock = threading.Lock()
+
+    def locked(n: int) -> None:
+        with lock:
+            update(n)
+
+    return locked
+
+
+def _write_all(placed: list[tuple[ShardWriter, TensorJob]], progress: Callable[[int], None]):
+    """Every tensor into its shard: the unchanged ones copied file to file on a thread of
+    their own (the kernel does the work, the GIL is free), the computed ones here, at the
+    same time. The first error of either stops both, and is raised once both have stopped,
+    so nothing still writes to a shard the caller closes."""
+    copies = [(w, j) for w, j in placed if j.is_raw_copy]
+    computed = [(w, j) for w, j in placed if not j.is_raw_copy]
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def copy_all() -> None:
+        for writer, job in copies:
+            if stop.is_set():
+                return
+            info = job.inputs[0].info
+            try:
+                writer.copy(job.name, info.file, info.start)
+            except BaseException as error:  # noqa: BLE001 -- raised on the calling thread
+                failed.append(_copy_error(job, error))
+                return
+            progress(job.nbytes)
+
+    log.info(
+        "copying %d unchanged tensors (%.2f GB) file to file while computing %d",
+        len(copies),
+        sum(j.nbytes for _, j in copies) / 1e9,
+        len(computed),
+    )
+    copier = threading.Thread(target=copy_all, name="tailorkit-copy")
+    copier.start()
+    try:
+        for writer, job in computed:
+            if failed:
+                break
+            _write_tensor(writer, job)
+            progress(job.nbytes)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        copier.join()
+    if failed:
+        raise failed[0]
+
+
+def _copy_error(job: TensorJob, error: BaseException) -> BaseException:
+    """A source cut short while it was copied says it changed on disk, not "ended early"."""
+    try:
+        job.check_unchanged()
+    except CheckpointError as changed:
+        return changed
+    return error
+
+
 def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
-    if job.is_raw_copy:
-        info = job.inputs[0].info
-        writer.copy(job.name, info.file, info.start)
-        return
     at = done = 0
     chunks = job.chunks()
     while True:

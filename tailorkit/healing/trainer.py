@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from tailorkit.checkpoint.writer import HEAL_FORMAT
 from tailorkit.errors import HealError
-from tailorkit.heal.losses import TopKCache, kl_full, kl_top_k, next_token_loss, teacher_top_k
-from tailorkit.heal.result import HealResult
-from tailorkit.heal.settings import (
+from tailorkit.healing.losses import TopKCache, kl_full, kl_top_k, next_token_loss, teacher_top_k
+from tailorkit.healing.result import HealResult
+from tailorkit.healing.settings import (
     CHECKPOINT_PREFIX,
     KEPT_CHECKPOINTS,
     RUN_ONLY,
@@ -443,7 +443,7 @@ class Trainer:
 
     # -- the result ------------------------------------------------------------------------
     def result(self, scratch: Path, data) -> HealResult:
-        from tailorkit.heal.plot import loss_curve
+        from tailorkit.healing.plot import loss_curve
 
         model = self.acc.unwrap_model(self.model)
         if not self.config.full:

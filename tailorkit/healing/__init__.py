@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from tailorkit.errors import HealError
-from tailorkit.heal.result import HealResult
-from tailorkit.heal.settings import HealSettings
+from tailorkit.healing.result import HealResult
+from tailorkit.healing.settings import HealSettings
 
 __all__ = ["HealResult", "HealSettings", "heal"]
 
@@ -50,7 +50,7 @@ def heal(
     temporary folder without ``out``); they are removed once the result is saved.
     ``settings``: see :class:`HealSettings`.
     """
-    from tailorkit.heal.trainer import (
+    from tailorkit.healing.trainer import (
         Trainer,
         checkpoints_in,
         load_student,

@@ -1,0 +1,136 @@
+"""The build's start: nothing before its first tensor byte needs torch.
+
+torch takes a second or more to import; ``tailorkit build`` copies unchanged tensors on a
+thread from the start and imports torch meanwhile, which only works while the recipe,
+the headers, the plan and the writer stay free of it. These tests run fresh interpreters,
+since this one has torch loaded already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tailorkit as tk
+from tailorkit.checkpoint import writer
+from tailorkit.errors import CheckpointError
+
+FRESH_TIMEOUT_S = 120
+
+
+def _fresh(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=FRESH_TIMEOUT_S,
+    )
+
+
+def _recipe_file(family, folder: Path) -> Path:
+    recipe = {
+        "models": {"base": str(family.base), "ft": str(family.candidates[0])},
+        "layers": [
+            {"from": "base", "layers": [0, 2]},
+            {
+                "merge": "linear",
+                "sources": [{"from": "base", "layer": 2}, {"from": "ft", "layer": 2}],
+            },
+            {"from": "ft", "layer": 3},
+        ],
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_plan_and_validate_do_not_import_torch(family, tmp_path):
+    recipe = _recipe_file(family, tmp_path)
+    done = _fresh(
+        """
+        import json, sys
+        import tailorkit as tk
+        from tailorkit.cli import main
+
+        plan = tk.Recipe.load(sys.argv[1]).plan()
+        code = main(["validate", sys.argv[1], "--json"])
+        print(json.dumps({"torch": "torch" in sys.modules, "code": code,
+                          "jobs": len(plan.jobs), "dtype": str(plan.dtype)}))
+        """,
+        str(recipe),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False and report["code"] == 0
+    assert report["jobs"] == len(tk.Recipe.load(recipe).plan().jobs)
+
+
+def test_build_copies_its_first_tensor_before_torch_is_imported(family, tmp_path):
+    """The first copied tensor is written with torch not yet imported (the merges import
+    it while the copies run); the output is the same as a build in this process."""
+    recipe = _recipe_file(family, tmp_path)
+    done = _fresh(
+        """
+        import sys
+        import tailorkit.cli as cli
+        from tailorkit.checkpoint import writer
+
+        seen = []
+        real = writer.ShardWriter.copy
+
+        def copy(self, *args):
+            seen.append("torch" in sys.modules)
+            return real(self, *args)
+
+        writer.ShardWriter.copy = copy
+        code = cli.main(["build", sys.argv[1], sys.argv[2], "-q"])
+        print(code, seen[0], "torch" in sys.modules)
+        """,
+        str(recipe),
+        str(tmp_path / "cli"),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "False", "True"]
+    tk.build(recipe, tmp_path / "here", progress=False)
+    for shard in (tmp_path / "here").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "cli" / shard.name).read_bytes()
+
+
+def test_functions_are_not_hidden_by_modules():
+    """``tk.build`` stays the function whichever modules were imported (the functions live
+    in modules of other names), and the lazy names are listed and typed."""
+    import tailorkit.analysis
+    import tailorkit.assembly
+    import tailorkit.builder
+    import tailorkit.healing
+    import tailorkit.pruning  # noqa: F401
+
+    for name in ("build", "prune", "heal", "analyze", "assemble", "bridge", "evaluate"):
+        assert callable(getattr(tk, name)) and not isinstance(getattr(tk, name), type(sys)), name
+    assert tk.build is tailorkit.builder.build
+    assert set(tk.__all__) <= set(dir(tk))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        tk.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("fails", ["copy", "merge"])
+def test_an_error_on_either_thread_stops_the_build(family, tmp_path, monkeypatch, fails):
+    """The copies run beside the merges: a failure of either is raised, after both have
+    stopped, and leaves nothing behind."""
+    recipe = _recipe_file(family, tmp_path)
+    method = "copy" if fails == "copy" else "write"
+
+    def broken(self, name, *args, **kwargs):
+        raise CheckpointError(f"{self.path}: {fails} failed (test)")
+
+    monkeypatch.setattr(writer.ShardWriter, method, broken)
+    with pytest.raises(CheckpointError, match=f"{fails} failed"):
+        tk.build(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if writer.TMP_MARK in p.name]
