@@ -64,7 +64,9 @@ def computes_bfloat16(device: str | torch.device | None) -> bool:
         return torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
