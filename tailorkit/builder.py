@@ -5,10 +5,11 @@ tensors are copied file-to-file, merged ones are computed a chunk at a time and
 written at their final offset.  The copies run on a thread of their own from the
 start, while the merges are computed on this one: nothing on the way to the first
 copied byte imports torch (plan, headers and writer work with dtype names), so the
-copies overlap torch's import (by the first merge) as well as the merges.  The directory appears at its
-target path only when complete.  With ``device="cuda"`` the merges run on the GPU, streamed
-through pinned buffers with reads, transfers, kernels and writes overlapped
-(tailorkit/gpu_build.py); the files are byte-identical to the CPU build's.
+copies overlap torch's import (at the first merge) as well as the merges.  The
+directory appears at its target path only when complete.  With ``device="cuda"``
+the merges run on the GPU, streamed through pinned buffers with reads, transfers,
+kernels and writes overlapped (tailorkit/gpu_build.py); the files are
+byte-identical to the CPU build's.
 """
 
 from __future__ import annotations

@@ -38,8 +38,10 @@ first and are handled so that this stays true:
   memory for it is a few float32 copies of that one tensor.
 
 ``DeviceStreamer`` also runs with ``device="cpu"``: the same lanes and chunking
-with the copies left out. ``build`` does not use that (its CPU path is simpler
-and as fast); the tests do, to exercise the pipeline on machines without a GPU.
+with the copies left out. ``build`` does not use that: its CPU path, merging from
+the mapped shards with no read copy, was faster with 1 or 2 lanes on 2 cores
+(benchmarks/build_lanes.py); the tests do, to exercise the pipeline on machines
+without a GPU.
 """
 
 from __future__ import annotations

@@ -416,6 +416,7 @@ def test_cli_gptailor_builds_and_resumes(family, tmp_path):
     report = json.loads((out / "report.json").read_text())
     cache = report["search"]["runner"]
     assert cache["evaluations"] > 12 and cache["prefix_hit_rate"] > 0
+    assert report["settings"]["dtype"] == recipe.dtype == "float32"  # auto, float32 weights
     # Resume into the same folder: the logged generations are replayed, same recipe.
     assert main([*args, "--out", str(out), "--resume", "--overwrite"]) == 0
     assert tk.Recipe.load(out / "recipe.yaml") == recipe

@@ -161,7 +161,12 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
     finally:
         executor.close()
     report = {
-        "settings": {"seed": seed, "fidelity_windows": fidelity, "candidates": ctx.candidates},
+        "settings": {
+            "seed": seed,
+            "fidelity_windows": fidelity,
+            "candidates": ctx.candidates,
+            "dtype": dtype,  # what "auto" resolved to
+        },
         "search": {
             "start_fitness": result.start_fitness,
             "best_fitness": result.fitness,
