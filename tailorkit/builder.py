@@ -21,7 +21,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from tailorkit.gpu_build import DeviceStreamer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_SHARD_SIZE = "5GB"
 TOKENIZER_FILES = (
@@ -91,13 +92,15 @@ def build(
         _plain_name(name)  # before hours of writing, not after
     out_dir = Path(out_dir)
     _check_output(out_dir, plan)
+    # The card needs the methods' registry, hence torch: made while the copies run.
+    card = (lambda: readme) if readme is not None else (lambda: default_readme(plan))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
-            _write_weights(plan, tmp, max_bytes, progress, streamer)
+            readme = _write_weights(plan, tmp, max_bytes, progress, streamer, meanwhile=card)
         _write_text(tmp / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(plan.base, tmp)
         _write_recipe(plan.recipe, tmp / "recipe.yaml")
-        _write_text(tmp / "README.md", readme if readme is not None else default_readme(plan))
+        _write_text(tmp / "README.md", readme)
         for name, src in (extra_files or {}).items():
             _copy(src, tmp / _plain_name(name))
         for name, text in (extra_texts or {}).items():
@@ -187,8 +190,15 @@ def _streamer(device: torch.device | None):
 
 
 def _write_weights(
-    plan: Plan, out: Path, max_bytes: int, progress: bool, streamer: DeviceStreamer | None = None
-) -> None:
+    plan: Plan,
+    out: Path,
+    max_bytes: int,
+    progress: bool,
+    streamer: DeviceStreamer | None = None,
+    meanwhile: Callable[[], T] = lambda: None,
+) -> T:
+    """The shards (and their index); returns ``meanwhile()``, run on this thread once the
+    merges are done, while copies may still be running."""
     jobs = {j.name: j for j in plan.jobs}
     specs = [TensorSpec(j.name, j.dtype, j.shape) for j in plan.jobs]
     shards = split_shards(specs, max_bytes)
@@ -207,15 +217,17 @@ def _write_weights(
         if streamer is not None:
             for writer, shard in zip(writers, shards):
                 streamer.write_shard(writer, [jobs[s.name] for s in shard], bar.update)
+            result = meanwhile()
         else:
             placed = [(w, jobs[s.name]) for w, shard in zip(writers, shards) for s in shard]
-            _write_all(placed, _locked(bar.update))
+            result = _write_all(placed, _locked(bar.update), meanwhile)
     # A source rewritten while we read it would have produced garbage: say so instead.
     plan.check_unchanged()
     weight_map = {spec.name: file for file, shard in zip(names, shards) for spec in shard}
     if len(names) > 1:
         index = {"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}
         _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    return result
 
 
 def _locked(update: Callable[[int], object]) -> Callable[[int], None]:
@@ -228,11 +240,16 @@ def _locked(update: Callable[[int], object]) -> Callable[[int], None]:
     return locked
 
 
-def _write_all(placed: list[tuple[ShardWriter, TensorJob]], progress: Callable[[int], None]):
+def _write_all(
+    placed: list[tuple[ShardWriter, TensorJob]],
+    progress: Callable[[int], None],
+    meanwhile: Callable[[], T],
+) -> T:
     """Every tensor into its shard: the unchanged ones copied file to file on a thread of
     their own (the kernel does the work, the GIL is free), the computed ones here, at the
-    same time. The first error of either stops both, and is raised once both have stopped,
-    so nothing still writes to a shard the caller closes."""
+    same time, then ``meanwhile()`` here, whose value is returned. The first error of
+    either thread stops both, and is raised once both have stopped, so nothing still writes
+    to a shard the caller closes."""
     copies = [(w, j) for w, j in placed if j.is_raw_copy]
     computed = [(w, j) for w, j in placed if not j.is_raw_copy]
     stop = threading.Event()
@@ -264,6 +281,7 @@ def _write_all(placed: list[tuple[ShardWriter, TensorJob]], progress: Callable[[
                 break
             _write_tensor(writer, job)
             progress(job.nbytes)
+        result = meanwhile() if not failed else None
     except BaseException:
         stop.set()
         raise
@@ -271,6 +289,7 @@ def _write_all(placed: list[tuple[ShardWriter, TensorJob]], progress: Callable[[
         copier.join()
     if failed:
         raise failed[0]
+    return result
 
 
 def _copy_error(job: TensorJob, error: BaseException) -> BaseException:

@@ -483,10 +483,10 @@ class Recipe(_Strict):
 
     def save(self, path: str | Path) -> Path:
         """Write the recipe as YAML to ``path``, and its fitted tensors file beside it."""
-        from tailorkit.checkpoint import fitted
-
         path = Path(path)
         if self.tensors is not None:
+            from tailorkit.checkpoint import fitted
+
             target = path.parent / self.tensors.file
             target.parent.mkdir(parents=True, exist_ok=True)
             digest = fitted.write(self.fitted(), target)
