@@ -443,6 +443,8 @@ def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factor
         ({"target_ratio": 0.99}, "cannot be reached"),
         ({"executor": "slurm"}, "executor: Input should be 'local' or 'ray'"),
         ({"state_cache": "lots"}, "state_cache 'lots': expected a number with a unit"),
+        ({"kl_top_k": 8, "objective": "kl+loss"}, "approximates the kl term only"),
+        ({"dtype": "float8"}, "dtype: Input should be 'auto'"),
     ],
 )
 def test_gptailor_bad_settings(family, tokens, settings, message):
@@ -456,6 +458,26 @@ def test_gptailor_bad_settings(family, tokens, settings, message):
             progress=False,
             **kwargs,
         )
+
+
+def test_gptailor_with_kl_top_k_end_to_end(family, tokens, tmp_path):
+    """The top-k KL through tk.prune: a valid plan of the right size, its search logged,
+    and the settings in the report; the built model is the plan's."""
+    result = tk.prune(
+        str(family.base),
+        method="gptailor",
+        candidates=[str(c) for c in family.candidates],
+        calibration=tokens,
+        progress=False,
+        target_ratio=0.22,
+        budget=12,
+        popsize=6,
+        kl_top_k=8,
+    )
+    assert len(result.recipe.output_layers()) == LAYERS - 1
+    assert result.report["search"]["evaluations"] == 12
+    out = result.save_pretrained(tmp_path / "out")
+    assert tk.Recipe.load(out / "recipe.yaml") == result.recipe
 
 
 def test_evaluator_refuses_a_device_it_cannot_use(family, tokens, capsys):
