@@ -318,9 +318,12 @@ def _touch(path: Path) -> None:
 
 
 def _rewrite_same_size(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-16:] = b"\x7f" * 16  # the last tensor's bytes: NaN-ish garbage of the same size
-    path.write_bytes(bytes(data))
+    """New bytes at the end, written in place: the file never shrinks, so a merge reading it
+    through the memory map at that moment (the copy thread makes this change while the main
+    thread merges) reads changed bytes rather than dying of SIGBUS, as it would mid-truncation."""
+    with open(path, "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\x7f" * 16)  # the last tensor's bytes: NaN-ish garbage of the same size
     _touch(path)  # a rewrite moves mtime; make sure it does on a coarse-clock filesystem too
 
 
