@@ -93,14 +93,14 @@ def build(
     out_dir = Path(out_dir)
     _check_output(out_dir, plan)
     # The card needs the methods' registry, hence torch: made while the copies run.
-    card = (lambda: readme) if readme is not None else (lambda: default_readme(plan))
+    make_card = (lambda: readme) if readme is not None else (lambda: default_readme(plan))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
-            readme = _write_weights(plan, tmp, max_bytes, progress, streamer, meanwhile=card)
+            card = _write_weights(plan, tmp, max_bytes, progress, streamer, meanwhile=make_card)
         _write_text(tmp / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(plan.base, tmp)
         _write_recipe(plan.recipe, tmp / "recipe.yaml")
-        _write_text(tmp / "README.md", readme)
+        _write_text(tmp / "README.md", card)
         for name, src in (extra_files or {}).items():
             _copy(src, tmp / _plain_name(name))
         for name, text in (extra_texts or {}).items():

@@ -227,6 +227,7 @@ class TopKTeacher:
     probs: torch.Tensor  # (B, T, k) float64
     tail: torch.Tensor  # (B, T) float64
     neg_entropy: torch.Tensor  # (B, T) float64, of the bucketed distribution
+    mass: torch.Tensor  # (B, T) float64: sum of probs and tail (1 up to rounding)
     sample: torch.Tensor  # (m,) int64: the sample, as indices into ``tokens``
     weight: torch.Tensor  # (B, T, m) float64
 
@@ -248,7 +249,8 @@ class TopKTeacher:
         weight = (~in_top).double() * (vocab - ids.shape[-1]) / others
         tokens, at = torch.cat([ids.reshape(-1), sample]).unique(return_inverse=True)
         top_at, sample_at = at[: ids.numel()].reshape(ids.shape), at[ids.numel() :]
-        return cls(tokens, top_at, probs, tail, neg_entropy, sample_at, weight)
+        mass = probs.sum(-1) + tail
+        return cls(tokens, top_at, probs, tail, neg_entropy, mass, sample_at, weight)
 
 
 @torch.no_grad()
@@ -265,12 +267,11 @@ def top_k_kl(
     tail = (rest.exp() * teacher.weight).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     log_z = (top.exp().sum(-1) + tail).log()
     # KL = sum_S p (log p - log q) + p_T (log p_T - log q_T), log q = z - log Z.
-    mass = teacher.probs.sum(-1) + teacher.tail
     per_token = (
         teacher.neg_entropy
         - (teacher.probs * top).sum(-1)
         - teacher.tail * tail.log()
-        + mass * log_z
+        + teacher.mass * log_z
     )
     return float(per_token.sum()), per_token.numel()
 
