@@ -58,7 +58,7 @@ def run(way: str, jobs, out: Path) -> tuple[float, float, str]:
                 _write_tensor(writer, job)
         else:
             with DeviceStreamer(torch.device("cpu"), lanes=int(way.split("=")[1])) as streamer:
-                streamer.write_shard(writer, jobs)
+                streamer.write([(writer, job) for job in jobs])
     finally:
         writer.close()
     wall, cpu = time.perf_counter() - t0, _cpu() - c0

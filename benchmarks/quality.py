@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--trial-dtype", default="auto", help="gptailor: candidates run in it (auto: its default)"
     )
+    p.add_argument("--seed", type=int, help="gptailor: the search's seed (default: calibration's)")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                     "kl_positions": args.kl_positions,
                     "kl_top_k": args.kl_top_k,
                     "dtype": args.trial_dtype,
+                    "seed": args.seed,
                 }
             result = tk.prune(
                 args.base,

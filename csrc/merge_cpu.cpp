@@ -30,9 +30,12 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -226,13 +229,32 @@ TAILORKIT_VECTOR_CLONES void to_float(
   }
 }
 
-// The one rounding to the output dtype.
+// The smallest float32 magnitude that T cannot hold finitely: from it on, put()
+// writes inf (NaN compares false with it too). bfloat16 and float16 round the
+// midpoint between their largest finite value and the next power of two up,
+// to even, which is inf.
+inline float overflow_limit(float*) {
+  return std::numeric_limits<float>::infinity();
+}
+inline float overflow_limit(c10::BFloat16*) {
+  return bits_float(0x7f7f8000u);  // halfway from 0x7f7f (3.3895e38) to inf
+}
+inline float overflow_limit(c10::Half*) {
+  return 65520.0f;  // halfway from 65504 to 65536
+}
+
+// The one rounding to the output dtype. Returns how many of the values written
+// are not finite (NaN or inf in T): the merges' finiteness check, made in the
+// same pass instead of a second one over the output.
 template <typename T>
-TAILORKIT_VECTOR_CLONES void store(
-    const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+TAILORKIT_VECTOR_CLONES int store(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  const float limit = overflow_limit(dst);
+  int nonfinite = 0;
   for (int64_t j = 0; j < n; ++j) {
     put(src[j], dst + j);
+    nonfinite += static_cast<int>(!(std::fabs(src[j]) < limit));
   }
+  return nonfinite;
 }
 
 // TIES pass 1 over one source block: total += kept(tau), where
@@ -325,6 +347,27 @@ void check_input(const at::Tensor& t, const at::Tensor& out, const char* what) {
       out.sizes());
 }
 
+// The optional counter a kernel adds its output's non-finite values to.
+void check_counter(const std::optional<at::Tensor>& nonfinite) {
+  if (!nonfinite.has_value()) {
+    return;
+  }
+  const at::Tensor& c = *nonfinite;
+  TORCH_CHECK(c.device().is_cpu(), "tailorkit: nonfinite must be a CPU tensor, got ", c.device());
+  TORCH_CHECK(
+      c.scalar_type() == at::kLong && c.numel() == 1,
+      "tailorkit: nonfinite must be one int64 element, got ",
+      c.scalar_type(),
+      " of shape ",
+      c.sizes());
+}
+
+void add_to_counter(const std::optional<at::Tensor>& nonfinite, int64_t count) {
+  if (nonfinite.has_value() && count != 0) {
+    *nonfinite->mutable_data_ptr<int64_t>() += count;
+  }
+}
+
 // At least one source, and one scalar (weight, threshold) per source.
 void check_source_count(
     at::TensorList sources, at::ArrayRef<double> scalars, const char* scalar_name) {
@@ -357,18 +400,23 @@ std::vector<Operand> resolve_sources(
 
 // out = sum_i weights[i] * float(sources[i]), accumulated in float32 in
 // source order, then cast once to out's dtype. Each block is read from every
-// source before it is written, so out may be one of the sources.
+// source before it is written, so out may be one of the sources. The number of
+// non-finite values written is added to `nonfinite`, if given.
 void weighted_sum_out_cpu(
     at::TensorList sources,
     at::ArrayRef<double> weights,
-    const at::Tensor& out) {
+    const at::Tensor& out,
+    const std::optional<at::Tensor>& nonfinite) {
   check_output(out);
+  check_counter(nonfinite);
   const std::vector<Operand> in = resolve_sources(sources, weights, out, "weights");
   void* dst = out.mutable_data_ptr();
   const at::ScalarType out_dtype = out.scalar_type();
+  std::atomic<int64_t> bad{0};
 
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
     float acc[kBlock];
+    int64_t task_bad = 0;
     for (int64_t start = begin; start < end; start += kBlock) {
       const int64_t n = std::min(kBlock, end - start);
       for (size_t i = 0; i < in.size(); ++i) {
@@ -380,9 +428,11 @@ void weighted_sum_out_cpu(
           }
         });
       }
-      with_typed_output(dst, out_dtype, [&](auto* d) { store(acc, d + start, n); });
+      with_typed_output(dst, out_dtype, [&](auto* d) { task_bad += store(acc, d + start, n); });
     }
+    bad += task_bad;
   });
+  add_to_counter(nonfinite, bad);
 }
 
 // TIES merge: tau_i = float(source_i) - float(base), trimmed to |tau_i| >=
@@ -509,13 +559,16 @@ std::vector<RowOperand> resolve_gather(
 // work is split by output row: for dim 0 output row r is a weighted sum of
 // source rows index[r] (contiguous, vectorised); for dim 1 it gathers
 // index[0..n) from row r of every source. Each output row is written in blocks
-// of kBlock elements accumulated in an L1-resident float32 buffer.
+// of kBlock elements accumulated in an L1-resident float32 buffer. Counts
+// non-finite outputs into `nonfinite` as weighted_sum_out_cpu does.
 void gather_weighted_sum_out_cpu(
     at::TensorList sources,
     at::ArrayRef<double> weights,
     const at::Tensor& index,
     int64_t dim,
-    const at::Tensor& out) {
+    const at::Tensor& out,
+    const std::optional<at::Tensor>& nonfinite) {
+  check_counter(nonfinite);
   const std::vector<RowOperand> in = resolve_gather(sources, weights, index, dim, out);
   if (out.numel() == 0) {
     return;
@@ -528,9 +581,11 @@ void gather_weighted_sum_out_cpu(
   const int64_t out_cols = out.size(1);
   // Whole rows per task, about kGrain elements each: small outputs stay on one thread.
   const int64_t grain = std::max<int64_t>(1, kGrain / out_cols);
+  std::atomic<int64_t> bad{0};
 
   at::parallel_for(0, out_rows, grain, [&](int64_t begin, int64_t end) {
     float acc[kBlock];
+    int64_t task_bad = 0;
     with_typed_index(index_data, index_dtype, [&](auto* idx) {
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t start = 0; start < out_cols; start += kBlock) {
@@ -554,12 +609,15 @@ void gather_weighted_sum_out_cpu(
               }
             });
           }
-          with_typed_output(
-              dst, out_dtype, [&](auto* d) { store(acc, d + r * out_cols + start, n); });
+          with_typed_output(dst, out_dtype, [&](auto* d) {
+            task_bad += store(acc, d + r * out_cols + start, n);
+          });
         }
       }
     });
+    bad += task_bad;
   });
+  add_to_counter(nonfinite, bad);
 }
 
 std::string parallel_info() {

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,7 @@ struct MergeArgs {
   int base_dtype;
   float lam;
   void* out;
+  unsigned long long* nonfinite;  // weighted_sum: adds its count of non-finite outputs; may be null
   int64_t n;
   int64_t head;  // scalar elements before the aligned body
   int64_t groups;  // aligned groups of kVec elements after the head
@@ -134,6 +136,19 @@ __device__ __forceinline__ void store1(void* p, int64_t i, float v) {
   }
 }
 
+// The smallest float32 magnitude the output dtype cannot hold finitely (see
+// overflow_limit in merge_cpu.cpp); NaN compares false with it too.
+template <int OUT>
+__device__ __forceinline__ float overflow_limit() {
+  if constexpr (OUT == kF32) {
+    return __uint_as_float(0x7f800000u);  // inf
+  } else if constexpr (OUT == kBF16) {
+    return __uint_as_float(0x7f7f8000u);
+  } else {
+    return 65520.0f;
+  }
+}
+
 template <int OUT>
 __device__ __forceinline__ void store_group(void* p, int64_t i, const float (&v)[kVec]) {
   if constexpr (OUT == kF32) {
@@ -179,10 +194,14 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const __grid_con
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
+  const float limit = overflow_limit<OUT>();
+  unsigned int nonfinite = 0;  // outputs of this thread that are NaN or inf
   const int64_t edges = edge_count(a);
   for (int64_t j = tid; j < edges; j += nthreads) {
     const int64_t i = edge_index(a, j);
-    store1<OUT>(a.out, i, weighted_sum_element(a, i));
+    const float v = weighted_sum_element(a, i);
+    nonfinite += !(fabsf(v) < limit);
+    store1<OUT>(a.out, i, v);
   }
 
   for (int64_t g0 = tid; g0 < a.groups; g0 += nthreads * kUnroll) {
@@ -210,9 +229,16 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const __grid_con
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t g = g0 + u * nthreads;
       if (g < a.groups) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          nonfinite += !(fabsf(acc[u][j]) < limit);
+        }
         store_group<OUT>(a.out, a.head + g * kVec, acc[u]);
       }
     }
+  }
+  if (nonfinite != 0 && a.nonfinite != nullptr) {  // rare: one atomic per thread that saw any
+    atomicAdd(a.nonfinite, static_cast<unsigned long long>(nonfinite));
   }
 }
 
@@ -408,13 +434,15 @@ struct TiesMergeLauncher {
 };
 
 // One launch over sources [first, first + count) plus an optional leading
-// operand (the float32 partial sum of earlier launches, weight 1).
+// operand (the float32 partial sum of earlier launches, weight 1); adds the
+// count of non-finite outputs to *nonfinite unless it is null.
 void weighted_sum_launch(
     const std::vector<std::pair<const void*, int>>& operands,
     const std::vector<float>& weights,
     void* out,
     int out_dtype,
-    int64_t n) {
+    int64_t n,
+    unsigned long long* nonfinite) {
   MergeArgs a{};
   a.k = static_cast<int>(operands.size());
   std::vector<std::pair<const void*, int>> pointers = operands;
@@ -424,6 +452,7 @@ void weighted_sum_launch(
     a.scalar[i] = weights[i];
   }
   a.out = out;
+  a.nonfinite = nonfinite;
   a.n = n;
   pointers.emplace_back(out, out_dtype);
   plan_alignment(a, pointers);
@@ -433,8 +462,25 @@ void weighted_sum_launch(
 void weighted_sum_out_cuda(
     at::TensorList sources,
     at::ArrayRef<double> weights,
-    const at::Tensor& out) {
+    const at::Tensor& out,
+    const std::optional<at::Tensor>& nonfinite) {
   check_output(out);
+  unsigned long long* counter = nullptr;
+  if (nonfinite.has_value()) {
+    TORCH_CHECK(
+        nonfinite->device() == out.device(),
+        "tailorkit: nonfinite is on ",
+        nonfinite->device(),
+        " but out is on ",
+        out.device());
+    TORCH_CHECK(
+        nonfinite->scalar_type() == at::kLong && nonfinite->numel() == 1,
+        "tailorkit: nonfinite must be one int64 element, got ",
+        nonfinite->scalar_type(),
+        " of shape ",
+        nonfinite->sizes());
+    counter = reinterpret_cast<unsigned long long*>(nonfinite->mutable_data_ptr<int64_t>());
+  }
   TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
   TORCH_CHECK(
       weights.size() == sources.size(),
@@ -472,11 +518,11 @@ void weighted_sum_out_cuda(
       ++next;
     }
     if (next == total) {
-      weighted_sum_launch(operands, w, out.mutable_data_ptr(), out_dtype, n);
+      weighted_sum_launch(operands, w, out.mutable_data_ptr(), out_dtype, n, counter);
       return;
     }
     at::Tensor buffer = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    weighted_sum_launch(operands, w, buffer.mutable_data_ptr(), kF32, n);
+    weighted_sum_launch(operands, w, buffer.mutable_data_ptr(), kF32, n, nullptr);
     partial = buffer;  // the previous partial (if any) is freed after the launch, stream-ordered
   }
 }

@@ -214,13 +214,9 @@ def _write_weights(
         for file, shard in zip(names, shards):
             writers.append(ShardWriter(out / file, shard))
             files.callback(writers[-1].close)
-        if streamer is not None:
-            for writer, shard in zip(writers, shards):
-                streamer.write_shard(writer, [jobs[s.name] for s in shard], bar.update)
-            result = meanwhile()
-        else:
-            placed = [(w, jobs[s.name]) for w, shard in zip(writers, shards) for s in shard]
-            result = _write_all(placed, _locked(bar.update), meanwhile)
+        placed = [(w, jobs[s.name]) for w, shard in zip(writers, shards) for s in shard]
+        compute = _compute_here if streamer is None else streamer.write
+        result = _write_all(placed, _locked(bar.update), meanwhile, compute)
     # A source rewritten while we read it would have produced garbage: say so instead.
     plan.check_unchanged()
     weight_map = {spec.name: file for file, shard in zip(names, shards) for spec in shard}
@@ -240,16 +236,19 @@ def _locked(update: Callable[[int], object]) -> Callable[[int], None]:
     return locked
 
 
+Placed = list[tuple[ShardWriter, TensorJob]]
+# Writes the computed tensors, reporting bytes to progress, until the stop test is true.
+Compute = Callable[[Placed, Callable[[int], None], Callable[[], bool]], None]
+
+
 def _write_all(
-    placed: list[tuple[ShardWriter, TensorJob]],
-    progress: Callable[[int], None],
-    meanwhile: Callable[[], T],
+    placed: Placed, progress: Callable[[int], None], meanwhile: Callable[[], T], compute: Compute
 ) -> T:
     """Every tensor into its shard: the unchanged ones copied file to file on a thread of
-    their own (the kernel does the work, the GIL is free), the computed ones here, at the
-    same time, then ``meanwhile()`` here, whose value is returned. The first error of
-    either thread stops both, and is raised once both have stopped, so nothing still writes
-    to a shard the caller closes."""
+    their own (the kernel does the work, the GIL is free), the computed ones by
+    ``compute`` here (or on its device's lanes), at the same time, then ``meanwhile()``
+    here, whose value is returned. The first error of either side stops both, and is
+    raised once both have stopped, so nothing still writes to a shard the caller closes."""
     copies = [(w, j) for w, j in placed if j.is_raw_copy]
     computed = [(w, j) for w, j in placed if not j.is_raw_copy]
     stop = threading.Event()
@@ -276,11 +275,7 @@ def _write_all(
     copier = threading.Thread(target=copy_all, name="tailorkit-copy")
     copier.start()
     try:
-        for writer, job in computed:
-            if failed:
-                break
-            _write_tensor(writer, job)
-            progress(job.nbytes)
+        compute(computed, progress, lambda: bool(failed))
         result = meanwhile() if not failed else None
     except BaseException:
         stop.set()
@@ -290,6 +285,17 @@ def _write_all(
     if failed:
         raise failed[0]
     return result
+
+
+def _compute_here(
+    computed: Placed, progress: Callable[[int], None], stopped: Callable[[], bool]
+) -> None:
+    """The CPU path's :data:`Compute`: one tensor after another, on this thread."""
+    for writer, job in computed:
+        if stopped():
+            return
+        _write_tensor(writer, job)
+        progress(job.nbytes)
 
 
 def _copy_error(job: TensorJob, error: BaseException) -> BaseException:

@@ -1,14 +1,14 @@
 """The streaming build with its merges on a CUDA device (``build(..., device="cuda")``).
 
-Unchanged tensors are still copied file to file by the kernel
-(``copy_file_range``), on the calling thread. Merged tensors are cut into
+Unchanged tensors are copied file to file by the kernel (``copy_file_range``) on
+the build's copy thread, as on the CPU path (``builder._write_all``). Merged tensors are cut into
 chunks of ``chunk_elements`` elements, and a small ring of *lanes* -- worker
 threads, each with its own CUDA stream, pinned host buffers and device
 buffers -- moves every chunk through five steps::
 
     pread  source bytes (page cache -> pinned buffer, one per source)
     H2D    pinned -> device, asynchronous on the lane's stream
-    merge  tailorkit's fused CUDA kernel (ops.weighted_sum) + a finiteness flag
+    merge  tailorkit's fused CUDA kernel (ops.weighted_sum), counting NaN and inf as it writes
     D2H    device -> pinned, asynchronous
     pwrite pinned -> the output shard, at the chunk's final offset
 
@@ -62,7 +62,7 @@ from tailorkit.checkpoint.safetensors_format import itemsize
 from tailorkit.checkpoint.writer import ShardWriter
 from tailorkit.devices import resolve_device
 from tailorkit.errors import CheckpointError
-from tailorkit.merge import LINEAR_METHODS, check_finite
+from tailorkit.merge import LINEAR_METHODS, new_counter, raise_if_nonfinite
 from tailorkit.plan import Input, TensorJob
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,10 @@ class _Lane:
         self._dev_in: list[torch.Tensor] = []
         self._host_out: list[torch.Tensor] = []
         self._dev_out: list[torch.Tensor] = []
-        self._flag = torch.ones((), dtype=torch.bool, pin_memory=self.on_cuda)
+        # NaN and inf counted by the merge kernel as it writes; read on the host after the
+        # lane's sync (on CUDA through a pinned copy, so checking costs no extra sync).
+        self._counter = new_counter(self.device)
+        self._host_counter = new_counter().pin_memory() if self.on_cuda else self._counter
 
     def _buffer(self, pool: list[torch.Tensor], slot: int, nbytes: int, dtype, where: str):
         """The first ``nbytes`` of buffer ``slot`` of ``pool``, grown to fit (a full chunk
@@ -197,18 +200,21 @@ class _Lane:
             else:
                 out = self._buffer(self._host_out, 0, out_nbytes, job.dtype, "host")
             merged = out.view(job.dtype.torch)
-            ops.weighted_sum(views, list(task.coefficients), job.dtype.torch, out=merged)
-            check = job.layer.method != "passthrough"  # as the CPU path: a copy is not checked
-            if check:
-                self._flag.copy_(torch.isfinite(merged).all(), non_blocking=self.on_cuda)
+            # As the CPU path: a copy is not checked.
+            counter = None if job.layer.method == "passthrough" else self._counter.zero_()
+            ops.weighted_sum(
+                views, list(task.coefficients), job.dtype.torch, out=merged, nonfinite=counter
+            )
             if self.on_cuda:
+                if counter is not None:
+                    self._host_counter.copy_(counter, non_blocking=True)
                 host_out = self._buffer(self._host_out, 0, out_nbytes, job.dtype, "host")
                 host_out.copy_(out, non_blocking=True)
                 self.stream.synchronize()  # the lane's buffers are free again after this
             else:
                 host_out = out
-            if check and not bool(self._flag):
-                check_finite(merged, job.where)  # raises MergeError, counting the bad values
+            if counter is not None:
+                raise_if_nonfinite(self._host_counter, job.where)
         return task.writer.write(job.name, host_out, task.start * itemsize(job.dtype))
 
     def _run_whole(self, task: _Task) -> int:
@@ -317,33 +323,28 @@ class DeviceStreamer:
             for start in range(0, job.numel, step)
         ]
 
-    def write_shard(
+    def write(
         self,
-        writer: ShardWriter,
-        jobs: Sequence[TensorJob],
+        placed: Sequence[tuple[ShardWriter, TensorJob]],
         progress: Callable[[int], object] = lambda n: None,
+        stopped: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Write every tensor of one shard; returns when all its bytes are written.
+        """Compute and write these tensors, each into its shard's writer; returns when all
+        their bytes are written. None may be a raw copy: the build copies those on a thread
+        of its own meanwhile (``builder._write_all``), which ``stopped`` reports failing.
 
-        Raises the first error of any lane (or of the raw copies) after every
-        queued task has finished or been skipped, so no lane is still writing
-        to ``writer`` when the caller closes it.
+        Raises the first error of any lane after every queued task has finished or been
+        skipped, so no lane is still writing to a writer when the caller closes it.
         """
         queued = 0
         error: BaseException | None = None
         try:
-            raw = []
-            for job in jobs:
+            for writer, job in placed:
                 if job.is_raw_copy:
-                    raw.append(job)
-                    continue
+                    raise ValueError(f"{job.name} is a raw copy, not a computed tensor")
                 for task in self._plan(job, writer):
                     self._tasks.put(task)
                     queued += 1
-            for job in raw:  # meanwhile, on this thread
-                info = job.inputs[0].info
-                writer.copy(job.name, info.file, info.start)
-                progress(job.nbytes)
         except BaseException as e:  # noqa: BLE001 -- re-raised below, after the drain
             error = e
             self._skip.set()
@@ -354,6 +355,8 @@ class DeviceStreamer:
                 remaining -= 1
                 if task_error is not None and error is None:
                     error = task_error
+                if stopped():
+                    self._skip.set()
                 progress(nbytes)
         except BaseException as e:  # noqa: BLE001 -- e.g. Ctrl-C: stop, but drain first
             error = error or e
@@ -362,8 +365,7 @@ class DeviceStreamer:
                 self._done.get()
                 remaining -= 1
         self._skip.clear()
-        for job in jobs:
-            if not job.is_raw_copy:
-                job.release()  # pages a slerp reduction or a TIES upload mapped
+        for _, job in placed:
+            job.release()  # pages a slerp reduction or a TIES upload mapped
         if error is not None:
             raise error

@@ -115,8 +115,10 @@ class Gather:
         coefficients: Sequence[float],
         out_dtype: torch.dtype,
         chunk_elements: int | None,
+        nonfinite: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """``sum_i c_i gather(t_i)``, flattened, in chunks of whole output rows."""
+        """``sum_i c_i gather(t_i)``, flattened, in chunks of whole output rows; the NaN and
+        inf values made are counted into ``nonfinite``."""
         mats = [t.reshape(t.shape[0], -1) for t in tensors]  # (R, C): a bias is (R, 1)
         index = self.index.to(mats[0].device)
         rows, cols = self.shape(mats[0].shape)
@@ -124,11 +126,18 @@ class Gather:
         for start in range(0, rows or 1, step):
             if self.axis == 0:  # rows of the sources: only those are read
                 part = ops.gather_weighted_sum(
-                    mats, coefficients, index[start : start + step], 0, out_dtype
+                    mats,
+                    coefficients,
+                    index[start : start + step],
+                    0,
+                    out_dtype,
+                    nonfinite=nonfinite,
                 )
             else:  # a block of rows of each source, its kept columns
                 block = [m[start : start + step] for m in mats]
-                part = ops.gather_weighted_sum(block, coefficients, index, 1, out_dtype)
+                part = ops.gather_weighted_sum(
+                    block, coefficients, index, 1, out_dtype, nonfinite=nonfinite
+                )
             yield part.reshape(-1)
 
 
@@ -156,10 +165,11 @@ def merge_chunks(
         yield result.reshape(-1)
         return
     tensors, coefficients = LINEAR_METHODS[layer.method](layer, inputs, base)
+    # The kernels count NaN and inf as they write (a copy is not checked).
+    counter = None if layer.method == "passthrough" else new_counter(tensors[0].device)
     if gather is not None:
-        for chunk in gather.chunks(tensors, coefficients, out_dtype, chunk_elements):
-            if layer.method != "passthrough":
-                check_finite(chunk, where)
+        for chunk in gather.chunks(tensors, coefficients, out_dtype, chunk_elements, counter):
+            raise_if_nonfinite(counter, where)
             yield chunk
             del chunk
         return
@@ -167,9 +177,9 @@ def merge_chunks(
     n = flat[0].numel()
     step = max(1, chunk_elements or n)
     for start in range(0, n or 1, step):  # an empty tensor still yields one (empty) chunk
-        chunk = ops.weighted_sum([t[start : start + step] for t in flat], coefficients, out_dtype)
-        if layer.method != "passthrough":
-            check_finite(chunk, where)
+        part = [t[start : start + step] for t in flat]
+        chunk = ops.weighted_sum(part, coefficients, out_dtype, nonfinite=counter)
+        raise_if_nonfinite(counter, where)
         yield chunk
         del chunk  # written by now: not alive while the next one is computed
 
@@ -191,6 +201,23 @@ def merge_tensor(
     return flat.reshape(gather.shape(shape) if gather else shape)
 
 
+def new_counter(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A counter for the ``nonfinite`` argument of :func:`ops.weighted_sum`."""
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def raise_if_nonfinite(counter: torch.Tensor | None, where: str) -> None:
+    """Raise MergeError if a merge counted NaN or inf values into ``counter``."""
+    if counter is not None and (bad := int(counter)):
+        raise _nonfinite_error(bad, where)
+
+
+def _nonfinite_error(bad: int, where: str) -> MergeError:
+    return MergeError(
+        f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
+    )
+
+
 FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: count in slices
 
 
@@ -209,6 +236,4 @@ def check_finite(t: torch.Tensor, where: str) -> None:
         return
     flat, step = t.reshape(-1), FINITE_CHECK_ELEMENTS
     bad = sum(int((~torch.isfinite(flat[i : i + step])).sum()) for i in range(0, len(flat), step))
-    raise MergeError(
-        f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
-    )
+    raise _nonfinite_error(bad, where)

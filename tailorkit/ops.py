@@ -118,7 +118,10 @@ def _declare(schema: str) -> None:
         )
 
 
-_declare("weighted_sum_out(Tensor[] sources, float[] weights, Tensor(a!) out) -> ()")
+_declare(
+    "weighted_sum_out(Tensor[] sources, float[] weights, Tensor(a!) out, "
+    "Tensor(b!)? nonfinite=None) -> ()"
+)
 _declare(
     "ties_merge_out(Tensor base, Tensor[] sources, float[] thresholds, float lam, "
     "Tensor(a!) out) -> ()"
@@ -126,7 +129,7 @@ _declare(
 _declare("hsic_all_pairs(Tensor grams) -> Tensor")
 _declare(
     "gather_weighted_sum_out(Tensor[] sources, float[] weights, Tensor index, int dim, "
-    "Tensor(a!) out) -> ()"
+    "Tensor(a!) out, Tensor(b!)? nonfinite=None) -> ()"
 )
 
 # What the CUDA kernels were built for ("" when the extension has none). Asking
@@ -144,7 +147,7 @@ if _C is not None:
     # Shape-only implementations so the ops can be traced (torch.compile, meta
     # tensors). The ops only write into `out`, so there is nothing to compute.
     @torch.library.register_fake("tailorkit::weighted_sum_out", lib=_lib)
-    def _weighted_sum_out_fake(sources, weights, out):
+    def _weighted_sum_out_fake(sources, weights, out, nonfinite=None):
         return None
 
     @torch.library.register_fake("tailorkit::ties_merge_out", lib=_lib)
@@ -156,7 +159,7 @@ if _C is not None:
         return grams.new_empty((grams.shape[0], grams.shape[0]), dtype=torch.float64)
 
     @torch.library.register_fake("tailorkit::gather_weighted_sum_out", lib=_lib)
-    def _gather_weighted_sum_out_fake(sources, weights, index, dim, out):
+    def _gather_weighted_sum_out_fake(sources, weights, index, dim, out, nonfinite=None):
         return None
 
 
@@ -284,6 +287,24 @@ def _check_out(
         raise ValueError("out must be contiguous: the merge writes it as one flat buffer")
 
 
+def _check_counter(nonfinite: torch.Tensor | None, device: torch.device) -> None:
+    if nonfinite is None:
+        return
+    if nonfinite.dtype != torch.int64 or nonfinite.numel() != 1 or nonfinite.device != device:
+        raise ValueError(
+            f"nonfinite is a {nonfinite.dtype} tensor of shape {tuple(nonfinite.shape)} on "
+            f"{nonfinite.device}; it must be one int64 element on {device}, e.g. "
+            "torch.zeros((), dtype=torch.int64)"
+        )
+
+
+def _add_nonfinite(result: torch.Tensor, nonfinite: torch.Tensor | None) -> torch.Tensor:
+    """The references' count of :func:`weighted_sum`'s ``nonfinite``: a second pass."""
+    if nonfinite is not None:
+        nonfinite += (~torch.isfinite(result)).sum()
+    return result
+
+
 # --------------------------------------------------------------------------
 # weighted_sum
 # --------------------------------------------------------------------------
@@ -294,6 +315,8 @@ def weighted_sum(
     weights: Sequence[float],
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    *,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return ``sum_i weights[i] * sources[i]`` as one tensor of ``out_dtype``.
 
@@ -315,18 +338,24 @@ def weighted_sum(
             merge straight into an output buffer with no extra copy. It may
             be one of the sources (an in-place update), but must not overlap
             one partially.
+        nonfinite: optional int64 one-element tensor on the sources' device;
+            the number of output values that are NaN or inf is added to it.
+            The kernels count while they write, so a merge checks its output
+            without a second pass over it (and, on CUDA, without a sync).
 
     Returns:
         ``out`` if given, else a new tensor.
     """
     sources, weights = _check_sources(sources, weights, "weights")
     _check_out(out, sources[0].shape, out_dtype, sources[0].device)
+    _check_counter(nonfinite, sources[0].device)
     tensors = [*sources] if out is None else [*sources, out]
     if not _use_kernel(tensors, "weighted_sum_out"):
-        return _weighted_sum_reference(sources, weights, out_dtype, out)
+        result = _weighted_sum_reference(sources, weights, out_dtype, out)
+        return _add_nonfinite(result, nonfinite)
     if out is None:
         out = torch.empty(sources[0].shape, dtype=out_dtype, device=sources[0].device)
-    torch.ops.tailorkit.weighted_sum_out(sources, weights, out)
+    torch.ops.tailorkit.weighted_sum_out(sources, weights, out, nonfinite)
     return out
 
 
@@ -362,6 +391,8 @@ def gather_weighted_sum(
     dim: int,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    *,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return ``weighted_sum([s.index_select(dim, index) for s in sources], weights, out_dtype)``.
 
@@ -390,6 +421,7 @@ def gather_weighted_sum(
         out: optional preallocated contiguous tensor of the output's shape,
             ``out_dtype`` and device, written in place; it must not overlap
             any source.
+        nonfinite: as in :func:`weighted_sum`: counts the NaN and inf outputs.
 
     Returns:
         ``out`` if given, else a new tensor.
@@ -424,16 +456,18 @@ def gather_weighted_sum(
     _check_index_range(index, dim, size)
     out_shape = torch.Size((index.numel(), shape[1]) if dim == 0 else (shape[0], index.numel()))
     _check_out(out, out_shape, out_dtype, device)
+    _check_counter(nonfinite, device)
     # The kernel reads rows in place given their stride; only a source whose
     # elements within a row are not adjacent needs a copy.
     sources = [s if s.shape[1] <= 1 or s.stride(1) == 1 else s.contiguous() for s in sources]
     index = index.contiguous()
     tensors = [*sources, index] if out is None else [*sources, index, out]
     if not _use_kernel(tensors, "gather_weighted_sum_out"):
-        return _gather_weighted_sum_reference(sources, weights, index, dim, out_dtype, out)
+        result = _gather_weighted_sum_reference(sources, weights, index, dim, out_dtype, out)
+        return _add_nonfinite(result, nonfinite)
     if out is None:
         out = torch.empty(out_shape, dtype=out_dtype, device=device)
-    torch.ops.tailorkit.gather_weighted_sum_out(sources, weights, index, dim, out)
+    torch.ops.tailorkit.gather_weighted_sum_out(sources, weights, index, dim, out, nonfinite)
     return out
 
 

@@ -479,3 +479,30 @@ def test_finite_check_finds_every_nan_and_inf_and_counts_them(dtype, bad):
         t[positions] = bad
         with pytest.raises(MergeError, match=f"tensor x: the merge produced {len(positions)} non"):
             check_finite(t.reshape(-1, 1), "tensor x")
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["whole", "gathered"])
+def test_linear_merges_count_nonfinite_values_in_the_kernels_pass(gather, monkeypatch):
+    """The linear path makes no second pass over its output: the merge's own count finds
+    every NaN and inf of the chunk it is in, and the error names the tensor."""
+    from tailorkit import merge
+    from tailorkit.recipe import OutputLayer
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("check_finite ran: the output was read a second time")
+
+    monkeypatch.setattr(merge, "check_finite", second_pass)
+    layer = OutputLayer("linear", (("a", 0), ("b", 0)), (0.5, 0.5))
+    a, b = torch.randn(64, 256).to(torch.bfloat16), torch.randn(64, 256)
+    keep = merge.Gather(torch.arange(0, 64, 2), 0) if gather else None
+    chunks = merge.merge_chunks(
+        layer, [a, b], None, torch.bfloat16, where="t", chunk_elements=4096, gather=keep
+    )
+    assert sum(c.numel() for c in chunks) == (32 if gather else 64) * 256
+    # Chunks of 16 output rows: source rows 32-47 (whole), or the even rows 32-62 (gathered).
+    b[40, 7], b[40, 9], b[62, 0], b[63, 0] = float("nan"), float("inf"), -float("inf"), 3e38
+    chunks = merge.merge_chunks(
+        layer, [a, b], None, torch.bfloat16, where="t", chunk_elements=4096, gather=keep
+    )
+    with pytest.raises(MergeError, match=f"t: the merge produced {3 if gather else 2} non-fin"):
+        list(chunks)

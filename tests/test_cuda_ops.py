@@ -87,6 +87,27 @@ def test_weighted_sum_cuda_many_sources(k, gen):
     assert torch.equal(got.cpu(), ops._weighted_sum_reference(sources, weights, torch.bfloat16))
 
 
+@pytest.mark.parametrize("k", [1, 2, 33])
+@pytest.mark.parametrize("n", [9, 300_001])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+def test_weighted_sum_cuda_counts_nonfinite_outputs_as_the_cpu(out_dtype, n, k, gen):
+    """The CUDA kernel's count of NaN and inf (overflow included) is the CPU kernel's,
+    also when the sources take several launches (only the last one counts)."""
+    sources = []
+    for i in range(k):
+        s = torch.randn(n, generator=gen)
+        where = torch.randperm(n, generator=gen)[: 1 + i % 3]
+        s[where] = torch.tensor([float("nan"), float("inf"), 3.39e38])[: len(where)]
+        sources.append(s.to(DTYPES[i % 3]))
+    weights = [1.0] * k
+    cpu_counter = torch.zeros((), dtype=torch.int64)
+    want = ops.weighted_sum(sources, weights, out_dtype, nonfinite=cpu_counter)
+    counter = torch.full((), 3, dtype=torch.int64, device="cuda")
+    got = ops.weighted_sum([s.cuda() for s in sources], weights, out_dtype, nonfinite=counter)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert int(counter) == 3 + int(cpu_counter) and int(cpu_counter) > 0
+
+
 def test_weighted_sum_cuda_in_place(gen):
     acc = torch.randn(3, 4099, generator=gen).to(torch.bfloat16)
     update = torch.randn(3, 4099, generator=gen)

@@ -13,6 +13,7 @@ bytes as ``device="cpu"``.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 import tailorkit as tk
 from tailorkit import ops
 from tailorkit.builder import _write_weights
+from tailorkit.checkpoint import writer
 from tailorkit.checkpoint.writer import parse_size
 from tailorkit.cli import main as cli
 from tailorkit.devices import resolve_device
@@ -135,6 +137,37 @@ def test_lanes_write_the_cpu_bytes_of_a_width_pruned_recipe(family, tmp_path, de
     with DeviceStreamer(device, lanes=3, chunk_elements=777) as streamer:
         _write_weights(plan, tmp_path / "lanes", max_bytes, False, streamer)
     _assert_same_files(tmp_path / "cpu", tmp_path / "lanes")
+
+
+def test_lane_builds_copy_unchanged_tensors_on_the_copy_thread(family, tmp_path, monkeypatch):
+    """As on the CPU path, the raw copies run on their own thread from the start, and a
+    copy that fails stops the lanes and is raised once they have stopped."""
+    plan = _all_methods(family, None).plan()
+    assert any(j.is_raw_copy for j in plan.jobs) and not all(j.is_raw_copy for j in plan.jobs)
+    copy = writer.ShardWriter.copy
+    threads = set()
+
+    def recording(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(writer.ShardWriter, "copy", recording)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "lanes").mkdir()
+    _write_weights(plan, tmp_path / "cpu", parse_size("150KB"), False)
+    with DeviceStreamer("cpu", lanes=2, chunk_elements=777) as streamer:
+        _write_weights(plan, tmp_path / "lanes", parse_size("150KB"), False, streamer)
+        assert threads == {"tailorkit-copy"}
+        _assert_same_files(tmp_path / "cpu", tmp_path / "lanes")
+
+        def broken(self, name, *args, **kwargs):
+            raise CheckpointError(f"{name}: copy failed (test)")
+
+        monkeypatch.setattr(writer.ShardWriter, "copy", broken)
+        (tmp_path / "broken").mkdir()
+        with pytest.raises(CheckpointError, match="copy failed"):
+            _write_weights(plan, tmp_path / "broken", parse_size("150KB"), False, streamer)
+        assert streamer._tasks.empty()  # every queued task ran or was skipped
 
 
 def test_lane_pipeline_reports_non_finite_merges(family, tmp_path):

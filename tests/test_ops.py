@@ -199,6 +199,76 @@ def test_kernel_rounding_matches_torch(out_dtype, gen):
     assert torch.equal(got[finite], want[finite])
 
 
+def poison(t: torch.Tensor, gen: torch.Generator, count: int) -> torch.Tensor:
+    """``t`` (flattened, float32) with ``count`` random elements set to NaN, +-inf or a
+    value too large for float16 and bfloat16 once weighted and summed."""
+    t = t.reshape(-1).float().clone()
+    where = torch.randperm(t.numel(), generator=gen)[:count]
+    values = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.39e38, -7e4])
+    t[where] = values[torch.randint(0, len(values), (len(where),), generator=gen)]
+    return t
+
+
+def _nonfinite_path(path: str, monkeypatch) -> None:
+    if path == "kernel" and not ops.backend().startswith("cpp"):
+        pytest.skip(f"C++ kernels not in use: {ops.backend_reason()}")
+    if path == "reference":
+        monkeypatch.setattr(ops, "_C", None)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("n", [7, 4097, 300_001])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_weighted_sum_counts_its_nonfinite_outputs(k, out_dtype, n, path, gen, monkeypatch):
+    """The count added to ``nonfinite`` is the number of NaN and inf values written
+    (overflow in the output dtype included), and counting changes no output bit."""
+    _nonfinite_path(path, monkeypatch)
+    poisoned = int(torch.randint(0, 12, (), generator=gen))
+    sources = [poison(make((n,), d, gen), gen, poisoned).to(d) for d in source_dtypes("mixed", k)]
+    weights = [abs(w) + 0.5 for w in random_weights(k, gen)]  # large values stay large
+    counter = torch.full((), 5, dtype=torch.int64)  # the kernel adds to what is there
+    got = ops.weighted_sum(sources, weights, out_dtype, nonfinite=counter)
+    want = ops._weighted_sum_reference(sources, weights, out_dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert int(counter) == 5 + int((~torch.isfinite(got)).sum())
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+def test_nonfinite_count_at_the_overflow_boundary(out_dtype):
+    """The smallest float32 that the output dtype rounds to inf, the three below it, and
+    every float32 exponent: the count agrees with isfinite of what was written."""
+    first_inf = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F7F8000, torch.float16: 0x477FF000}
+    edge = torch.tensor([first_inf[out_dtype]], dtype=torch.int32).view(torch.float32)
+    near = [edge]
+    for _ in range(3):
+        near.append(torch.nextafter(near[-1], torch.zeros(1)))
+    exponents = torch.arange(0, 256, dtype=torch.int32).bitwise_left_shift(23).view(torch.float32)
+    x = torch.cat([*near, exponents, torch.tensor([float("nan")])])
+    x = torch.cat([x, -x])
+    counter = torch.zeros((), dtype=torch.int64)
+    got = ops.weighted_sum([x], [1.0], out_dtype, nonfinite=counter)
+    torch.testing.assert_close(got, x.to(out_dtype), rtol=0, atol=0, equal_nan=True)
+    assert got[0].isinf() and torch.isfinite(got[1:4]).all()
+    assert int(counter) == int((~torch.isfinite(got)).sum())
+
+
+@pytest.mark.parametrize("bad", ["float", "two", "list"])
+def test_nonfinite_counter_must_be_one_int64(bad):
+    counter = {
+        "float": torch.zeros(()),
+        "two": torch.zeros(2, dtype=torch.int64),
+        "list": torch.zeros((1, 1), dtype=torch.int32),
+    }[bad]
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="nonfinite is a .* it must be one int64 element"):
+        ops.weighted_sum([x], [1.0], torch.float32, nonfinite=counter)
+    with pytest.raises(ValueError, match="it must be one int64 element"):
+        ops.gather_weighted_sum([x.view(2, 2)], [1.0], torch.tensor([0]), 0, torch.float32,
+                                nonfinite=counter)  # fmt: skip
+
+
 # --------------------------------------------------------------------------
 # ties_merge
 # --------------------------------------------------------------------------
@@ -433,6 +503,27 @@ def test_gather_weighted_sum_writes_out_in_place(path, dim, gen):
     result = fn(sources, weights, index, dim, torch.float16, out=out)
     assert result is out and out.data_ptr() == ptr
     assert torch.equal(out, _gather_formula(sources, weights, index, dim, torch.float16))
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_weighted_sum_counts_the_nonfinite_outputs_it_keeps(
+    dim, out_dtype, path, gen, monkeypatch
+):
+    """Only the gathered elements count: a NaN in a channel that is dropped does not."""
+    _nonfinite_path(path, monkeypatch)
+    rows, cols = 130, 4099
+    sources = [poison(make((rows, cols), d, gen), gen, 40).view(rows, cols).to(d) for d in DTYPES]
+    weights = [abs(w) + 0.5 for w in random_weights(3, gen)]
+    index = gather_index("unsorted", (rows, cols)[dim], torch.int64, gen)
+    counter = torch.zeros((), dtype=torch.int64)
+    got = ops.gather_weighted_sum(sources, weights, index, dim, out_dtype, nonfinite=counter)
+    want = _gather_formula(sources, weights, index, dim, out_dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    everything = ops._weighted_sum_reference(sources, weights, out_dtype)
+    assert 0 < int(counter) == int((~torch.isfinite(got)).sum())
+    assert int(counter) < int((~torch.isfinite(everything)).sum())
 
 
 @needs_gather_kernel
