@@ -32,7 +32,7 @@ passthrough tensors must be bit-identical; linear-merged tensors must be within
 1 bf16 ulp of the fp32 reference (0.5*a + 0.5*b rounded to bf16, which is in
 fact exact in fp32, so 0 ulp is expected).
 
-Run:  python benchmarks/build_speed.py [--reps 3] [--layers 20] [--hidden 2048]
+Run:  python benchmarks/build_speed.py [--reps 3] [--layers 20] [--hidden 2048] [--job cut]
                                        [--skip-mergekit] [--cache-dir DIR]
                                        [--json benchmarks/results/build_speed.json]
 """
@@ -145,11 +145,18 @@ def default_intermediate(hidden: int) -> int:
     return -(-(8 * hidden // 3) // 256) * 256
 
 
-def job_layers(n_layers: int) -> dict:
-    """The job's layer plan: which source layers go where, as index ranges."""
+JOBS = ("merge", "cut")  # --job: the default above, or the same with A's layers unmerged
+
+
+def job_layers(n_layers: int, job: str = "merge") -> dict:
+    """The job's layer plan: which source layers go where, as index ranges. The "cut" job
+    passes layers [0, 0.6L) of A through instead of merging [0.3L, 0.6L): nothing is
+    computed, every tensor is a copy (what a depth-pruning recipe builds)."""
     a_end, merge_end, drop_end = round(0.3 * n_layers), round(0.6 * n_layers), round(0.8 * n_layers)
     if not 0 < a_end < merge_end < drop_end < n_layers:
         raise SystemExit(f"--layers {n_layers} is too small for the job (needs at least 5)")
+    if job == "cut":
+        a_end = merge_end
     return {
         "a": (0, a_end),
         "merge": (a_end, merge_end),
@@ -158,9 +165,9 @@ def job_layers(n_layers: int) -> dict:
     }
 
 
-def output_plan(n_layers: int) -> list[list[tuple[str, int, float]]]:
+def output_plan(n_layers: int, job: str = "merge") -> list[list[tuple[str, int, float]]]:
     """Output layer i -> its sources [(model, layer, weight)]."""
-    j = job_layers(n_layers)
+    j = job_layers(n_layers, job)
     plan = [[("a", i, 1.0)] for i in range(*j["a"])]
     plan += [[("a", i, 0.5), ("b", i, 0.5)] for i in range(*j["merge"])]
     plan += [[("b", i, 1.0)] for i in range(*j["b"])]
@@ -272,7 +279,7 @@ def _numel(shape) -> int:
 # --------------------------------------------------------------------------- the job, three ways
 
 
-def job_tensors(shape: ModelShape, indexes: dict[str, dict]) -> list[dict]:
+def job_tensors(shape: ModelShape, indexes: dict[str, dict], job: str) -> list[dict]:
     """Every output tensor: {name, nbytes, sources: [(model, source name, weight)]}, in output order."""
     out = []
 
@@ -287,7 +294,7 @@ def job_tensors(shape: ModelShape, indexes: dict[str, dict]) -> list[dict]:
         "model.embed_tokens.weight",
         [(NON_LAYER_SOURCE["model.embed_tokens.weight"], "model.embed_tokens.weight", 1.0)],
     )
-    for i, sources in enumerate(output_plan(shape.layers)):
+    for i, sources in enumerate(output_plan(shape.layers, job)):
         for suffix, _ in LAYER_TENSORS:
             add(
                 f"model.layers.{i}.{suffix}",
@@ -304,10 +311,12 @@ def bytes_moved(tensors: list[dict], indexes: dict[str, dict]) -> tuple[int, int
     return read_bytes, sum(t["nbytes"] for t in tensors)
 
 
-def write_tailorkit_recipe(path: Path, shape: ModelShape, dir_a: Path, dir_b: Path) -> None:
+def write_tailorkit_recipe(
+    path: Path, shape: ModelShape, dir_a: Path, dir_b: Path, job: str
+) -> None:
     import yaml
 
-    j = job_layers(shape.layers)
+    j = job_layers(shape.layers, job)
     layers: list[dict] = [{"from": "a", "layers": list(j["a"])}]
     for i in range(*j["merge"]):
         layers.append(
@@ -330,13 +339,15 @@ def write_tailorkit_recipe(path: Path, shape: ModelShape, dir_a: Path, dir_b: Pa
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def write_mergekit_config(path: Path, shape: ModelShape, dir_a: Path, dir_b: Path) -> None:
+def write_mergekit_config(
+    path: Path, shape: ModelShape, dir_a: Path, dir_b: Path, job: str
+) -> None:
     """The same job for mergekit. Its merge method is global, so passthrough slices are
     one-source linear slices with weight 1 (exact: (0 + 1*x) / 1). Embeddings come from the
     first slice's model (A), final norm and LM head from the last slice's model (B)."""
     import yaml
 
-    j = job_layers(shape.layers)
+    j = job_layers(shape.layers, job)
 
     def src(d, rng, w):
         return {"model": str(d), "layer_range": list(rng), "parameters": {"weight": w}}
@@ -347,7 +358,11 @@ def write_mergekit_config(path: Path, shape: ModelShape, dir_a: Path, dir_b: Pat
         "out_dtype": "bfloat16",
         "slices": [
             {"sources": [src(dir_a, j["a"], 1.0)]},
-            {"sources": [src(dir_a, j["merge"], 0.5), src(dir_b, j["merge"], 0.5)]},
+            *(
+                [{"sources": [src(dir_a, j["merge"], 0.5), src(dir_b, j["merge"], 0.5)]}]
+                if j["merge"][0] < j["merge"][1]
+                else []
+            ),
             {"sources": [src(dir_b, j["b"], 1.0)]},
         ],
     }
@@ -708,6 +723,12 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="timed runs per method after one warm-up each, interleaved (median shown)",
     )
+    p.add_argument(
+        "--job",
+        choices=JOBS,
+        default="merge",
+        help="merge: the job above; cut: the same layers with none merged (copies only)",
+    )
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument(
         "--skip-tailorkit", action="store_true", help="time only the floor (and mergekit)"
@@ -747,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_heads=args.heads,
         vocab=args.vocab,
     )
-    job_layers(shape.layers)  # validates --layers
+    job_layers(shape.layers, args.job)  # validates --layers
     cache = args.cache_dir.expanduser()
     if args.generate_only:
         print(f"checkpoints: {shape}", flush=True)
@@ -762,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     dir_a, dir_b = (cache / "models" / shape.tag / "a", cache / "models" / shape.tag / "b")
     indexes = {"a": checkpoint_index(dir_a), "b": checkpoint_index(dir_b)}
-    tensors = job_tensors(shape, indexes)
-    n_out_layers = len(output_plan(shape.layers))
+    tensors = job_tensors(shape, indexes, args.job)
+    n_out_layers = len(output_plan(shape.layers, args.job))
     read_b, write_b = bytes_moved(tensors, indexes)
     moved = read_b + write_b
     src_bytes = sum(e["end"] - e["start"] for idx in indexes.values() for e in idx.values())
@@ -773,15 +794,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    work = cache / "work" / shape.tag
+    work = cache / "work" / (shape.tag if args.job == "merge" else f"{shape.tag}-{args.job}")
     work.mkdir(parents=True, exist_ok=True)
     recipe, mk_cfg, floor_plan = (
         work / "recipe.yaml",
         work / "mergekit.yml",
         work / "floor_plan.json",
     )
-    write_tailorkit_recipe(recipe, shape, dir_a, dir_b)
-    write_mergekit_config(mk_cfg, shape, dir_a, dir_b)
+    write_tailorkit_recipe(recipe, shape, dir_a, dir_b, args.job)
+    write_mergekit_config(mk_cfg, shape, dir_a, dir_b, args.job)
     write_floor_plan(floor_plan, tensors, indexes)
 
     methods = [
@@ -935,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             ["python", "benchmarks/build_speed.py"] + (argv if argv is not None else sys.argv[1:])
         ),
         "shape": dataclasses.asdict(shape),
-        "job": job_layers(shape.layers),
+        "job": {"name": args.job, **job_layers(shape.layers, args.job)},
         "bytes": {"read": read_b, "written": write_b, "moved": moved},
         "reps": args.reps,
         "tailorkit_path": str(args.tailorkit_path),

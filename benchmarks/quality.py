@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=int, default=96, help="gptailor evaluations")
     p.add_argument("--popsize", type=int, default=12, help="gptailor population")
     p.add_argument("--kl-positions", type=int, help="gptailor: KL on this many positions/window")
-    p.add_argument("--kl-top-k", type=int, help="gptailor: KL on the top k tokens + a bucket")
+    p.add_argument(
+        "--kl-top-k",
+        type=lambda v: v if v == "auto" else None if v == "none" else int(v),
+        default="auto",
+        help="gptailor: KL on the top k tokens + a bucket (none: the whole vocabulary)",
+    )
     p.add_argument(
         "--trial-dtype", default="auto", help="gptailor: candidates run in it (auto: its default)"
     )

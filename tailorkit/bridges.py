@@ -41,15 +41,6 @@ from tailorkit.errors import CheckpointError, MethodError
 from tailorkit.recipe import OutputLayer, Recipe
 from tailorkit.trials import RunnerConfig, TrialRunner
 
-CITATION = """@inproceedings{shopkhoev2025replaceme,
-  title     = {{ReplaceMe}: Network Simplification via Depth Pruning and Transformer Block
-               Linearization},
-  author    = {Shopkhoev, Dmitriy and Ali, Ammar and Zhussip, Magauiya and Malykh, Valentin
-               and Lefkimmiatis, Stamatios and Komodakis, Nikos and Zagoruyko, Sergey},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2025},
-  note      = {arXiv:2505.02819}
-}"""
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of M^T W M
 HELD_BACK_EVERY = 4  # every 4th calibration window is held back
 

@@ -20,19 +20,17 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
-from tailorkit.bridges import CITATION as BRIDGES_BIB
+from tailorkit import citations
 from tailorkit.checkpoint import builtin
 from tailorkit.errors import CheckpointError, HubError
-from tailorkit.methods import METHODS
 from tailorkit.plan import Plan
 from tailorkit.recipe import Recipe
 from tailorkit.version import __version__
-from tailorkit.width import channels_per_layer
 
 log = logging.getLogger(__name__)
 
 TAGS = ("tailorkit", "layer-pruning", "depth-pruning")
-CITED_ALWAYS = ("gptailor", "slm")  # the methods tailorkit implements
+CITED_ALWAYS = (citations.GPTAILOR, citations.SLM)  # the methods tailorkit implements
 
 _IMAGE_CAPTIONS = {
     "similarity": "Layer similarity (CKA) of the base model",
@@ -230,9 +228,6 @@ def _compared_speed(evaluation: Any) -> dict[str, Any] | None:
 def _size_table(plan: Plan, speed: dict[str, Any] | None = None) -> str:
     """Layers and parameters, base against this model; with ``speed`` (an evaluation's
     ``speed`` holding both models) also prefill and decode tokens/s and the speed-ups."""
-    from tailorkit.eval.compare import format_rate, format_speedup, speed_note
-    from tailorkit.eval.speed import speed_ratio
-
     base_layers, layers = plan.base.num_layers, plan.num_layers
     base_params, params = plan.base_parameters, plan.num_parameters
     rows = [
@@ -244,13 +239,16 @@ def _size_table(plan: Plan, speed: dict[str, Any] | None = None) -> str:
         f"({plan.removed_parameter_fraction:.1%}) |",
     ]
     if plan.recipe.width is not None:
-        full, kept = channels_per_layer(plan.base), plan.recipe.width.intermediate_size
+        full, kept = _channels_per_layer(plan), plan.recipe.width.intermediate_size
         rows.insert(
             3,
             f"| MLP channels per layer | {full} | {kept} | {full - kept} ({1 - kept / full:.1%}) |",
         )
     if not speed:
         return "\n".join(rows)
+    from tailorkit.eval.compare import format_rate, format_speedup, speed_note  # torch
+    from tailorkit.eval.speed import speed_ratio
+
     mine, base = speed["model"], speed["base"]
     ups = speed_ratio(base, mine)
     for phase in ("prefill", "decode"):
@@ -266,7 +264,28 @@ def _width_clause(plan: Plan) -> str:
     width = plan.recipe.width
     if width is None:
         return ""
-    return f", each keeping {width.intermediate_size} of its {channels_per_layer(plan.base)} MLP channels"
+    return (
+        f", each keeping {width.intermediate_size} of its {_channels_per_layer(plan)} MLP channels"
+    )
+
+
+def _channels_per_layer(plan: Plan) -> int:
+    from tailorkit.width import channels_per_layer  # torch: only width-pruned plans get here
+
+    return channels_per_layer(plan.base)
+
+
+def _method_spec(key: str | None):
+    """The registered method ``key`` (None for a hand-written recipe or an unknown name).
+
+    Imported here, not above: the methods' code needs torch, and a build of a recipe
+    without a method writes its card (citations from :mod:`tailorkit.citations`) without it.
+    """
+    if not key:
+        return None
+    from tailorkit.methods import METHODS
+
+    return METHODS.get(key)
 
 
 def _images(images: dict[str, str]) -> str:
@@ -400,8 +419,9 @@ def make_model_card(
             "recipe alone rebuilds the pruned model before healing, not these weights."
         )
     body.append("## Method")
-    if key in METHODS:
-        body.append(f"**{METHODS[key].label}.** {METHODS[key].description}")
+    spec = _method_spec(key)
+    if spec is not None:
+        body.append(f"**{spec.label}.** {spec.description}")
     elif key:
         body.append(f"**{method}.**")
     else:
@@ -471,8 +491,11 @@ def make_model_card(
         body.append("Rebuild it with:")
     body.append(f"```bash\npip install tailorkit\n{rebuild}\n```")
     body.append("## Citation")
-    cited = [*CITED_ALWAYS, *([key] if key in METHODS and key not in CITED_ALWAYS else [])]
-    bibs = [METHODS[name].citation for name in cited] + ([BRIDGES_BIB] if bridged else [])
+    bibs = [*CITED_ALWAYS]
+    if spec is not None and spec.citation not in bibs:
+        bibs.append(spec.citation)
+    if bridged:
+        bibs.append(citations.REPLACEME)
     body.append(
         "The methods tailorkit implements:\n\n" + "\n\n".join(f"```bibtex\n{b}\n```" for b in bibs)
     )

@@ -537,6 +537,20 @@ def test_card_of_local_single_model_prune(family):
         make_model_card(plan, images={"similarity": "/etc/passwd"})
 
 
+@pytest.mark.parametrize(
+    ("method", "cited"),
+    [
+        (None, ["su2025gptailor", "ding2025slm"]),
+        ("slm", ["su2025gptailor", "ding2025slm"]),
+        ("shortgpt", ["su2025gptailor", "ding2025slm", "men2024shortgpt"]),
+        ("laco", ["su2025gptailor", "ding2025slm", "yang2024laco"]),
+    ],
+)
+def test_card_cites_tailorkits_methods_and_the_one_that_made_the_recipe(family, method, cited):
+    card = make_model_card(_recipe(family.base).plan(), method=method).text
+    assert re.findall(r"```bibtex\n@\w+\{(\w+),", card) == cited
+
+
 def test_card_single_hub_model_is_finetune_relation(family, tmp_path, monkeypatch):
     _hub_cache(tmp_path, "tk-org/solo", family.base)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -444,6 +444,8 @@ def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factor
         ({"executor": "slurm"}, "executor: Input should be 'local' or 'ray'"),
         ({"state_cache": "lots"}, "state_cache 'lots': expected a number with a unit"),
         ({"kl_top_k": 8, "objective": "kl+loss"}, "approximates the kl term only"),
+        ({"kl_top_k": 0}, "kl_top_k must be at least 1, 'auto' or null"),
+        ({"kl_top_k": "most"}, "kl_top_k"),
         ({"dtype": "float8"}, "dtype: Input should be 'auto'"),
     ],
 )
@@ -476,6 +478,7 @@ def test_gptailor_with_kl_top_k_end_to_end(family, tokens, tmp_path):
     )
     assert len(result.recipe.output_layers()) == LAYERS - 1
     assert result.report["search"]["evaluations"] == 12
+    assert result.report["settings"]["kl_top_k"] == 8
     out = result.save_pretrained(tmp_path / "out")
     assert tk.Recipe.load(out / "recipe.yaml") == result.recipe
 
@@ -520,3 +523,22 @@ def test_auto_trial_dtype_is_bfloat16_for_a_bfloat16_checkpoint_on_native_hardwa
     assert gptailor.trial_dtype("auto", bf16, "cpu") == ("bfloat16" if native else "float32")
     assert gptailor.trial_dtype("auto", f32, "cpu") == "float32"
     assert gptailor.trial_dtype("float16", bf16, "cpu") == "float16"
+
+
+def test_auto_kl_top_k_where_the_vocabulary_is_large_and_the_objective_has_no_loss(family):
+    """``auto`` is top 256 at SmolLM2's vocabulary, the whole vocabulary at the tiny models'
+    (where the head is cheap and the full KL exact) and whenever a loss term needs every
+    logit; a number or null is kept as given."""
+    from tailorkit.checkpoint.source import Source
+    from tailorkit.methods import gptailor
+
+    tiny = Source(str(family.base))
+    large = Source(str(family.base))
+    large.config = {**tiny.config, "vocab_size": 49152}
+    kl, with_loss = objectives.Logits.parse("kl"), objectives.Logits.parse("kl+0.5*loss")
+    assert tiny.config["vocab_size"] < gptailor.AUTO_TOP_K_VOCAB
+    assert gptailor.kl_top_k("auto", kl, tiny) is None
+    assert gptailor.kl_top_k("auto", kl, large) == gptailor.AUTO_TOP_K == 256
+    assert gptailor.kl_top_k("auto", with_loss, large) is None
+    assert gptailor.kl_top_k(64, kl, tiny) == 64
+    assert gptailor.kl_top_k(None, kl, large) is None

@@ -72,9 +72,9 @@ def test_plan_and_validate_do_not_import_torch(family, tmp_path):
 
 
 def test_a_build_without_merges_never_imports_torch(family, tmp_path):
-    """With torch made unimportable, a removal-only build (its card given) still writes
-    the checkpoint: recipe, headers, plan, writer and copies need no torch, so the copies
-    can start before torch is loaded. Its files equal a build in this process."""
+    """With torch made unimportable, a removal-only build still writes the checkpoint and
+    its model card: recipe, headers, plan, writer, copies and card need no torch, so such a
+    build never pays for its import. Its files equal a build in this process."""
     recipe = tmp_path / "removal.yaml"
     layers = [{"from": "base", "layers": [0, 2]}, {"from": "base", "layer": 3}]
     recipe.write_text(yaml.safe_dump({"models": {"base": str(family.base)}, "layers": layers}))
@@ -84,7 +84,7 @@ def test_a_build_without_merges_never_imports_torch(family, tmp_path):
         sys.modules["torch"] = None  # any import of torch now raises
         import tailorkit as tk
 
-        tk.build(sys.argv[1], sys.argv[2], readme="card", progress=False)
+        tk.build(sys.argv[1], sys.argv[2], progress=False)
         print(sorted(m for m in sys.modules if m.startswith(("torch", "transformers"))))
         """,
         str(recipe),
@@ -92,7 +92,8 @@ def test_a_build_without_merges_never_imports_torch(family, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == "['torch']"  # only the blocking entry
-    tk.build(recipe, tmp_path / "here", readme="card", progress=False)
+    tk.build(recipe, tmp_path / "here", progress=False)
+    assert "@article{su2025gptailor" in (tmp_path / "fresh" / "README.md").read_text()
     for path in sorted((tmp_path / "here").iterdir()):
         assert path.read_bytes() == (tmp_path / "fresh" / path.name).read_bytes(), path.name
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from tailorkit import citations
 from tailorkit.errors import MethodError
 from tailorkit.methods.common import check_target, combine, largest_threshold, removal_budget
 from tailorkit.methods.registry import Context, MethodResult, Settings, register
@@ -35,13 +36,7 @@ class RemovalSettings(Settings):
     label="ShortGPT (Men et al., 2024, arXiv:2403.03853)",
     description="The layers with the lowest Block Influence (1 - cos(input, output) of the "
     "layer on calibration text) are removed.",
-    citation="""@article{men2024shortgpt,
-  title   = {{ShortGPT}: Layers in Large Language Models are More Redundant Than You Expect},
-  author  = {Men, Xin and Xu, Mingyu and Zhang, Qingyu and Wang, Bingning and Lin, Hongyu
-             and Lu, Yaojie and Han, Xianpei and Chen, Weipeng},
-  journal = {arXiv preprint arXiv:2403.03853},
-  year    = {2024}
-}""",
+    citation=citations.SHORTGPT,
 )
 def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
@@ -58,13 +53,7 @@ def shortgpt(ctx: Context, settings: RemovalSettings) -> MethodResult:
     label="angular distance (Gromov et al., 2024, arXiv:2403.17887)",
     description="The contiguous block of layers whose input and output are closest in angular "
     "distance on calibration text is removed.",
-    citation="""@article{gromov2024unreasonable,
-  title   = {The Unreasonable Ineffectiveness of the Deeper Layers},
-  author  = {Gromov, Andrey and Tirumala, Kushal and Shapourian, Hassan and Glorioso, Paolo
-             and Roberts, Daniel A.},
-  journal = {arXiv preprint arXiv:2403.17887},
-  year    = {2024}
-}""",
+    citation=citations.ANGULAR,
 )
 def angular(ctx: Context, settings: RemovalSettings) -> MethodResult:
     n = ctx.runner.num_layers
@@ -127,12 +116,7 @@ def laco_pass(runner: TrialRunner, threshold: float, max_removed: int, settings:
     summary="LaCo: fold runs of layers into one while the output stays cosine-similar",
     label="LaCo (Yang et al., 2024, arXiv:2402.11187)",
     description="Consecutive layers are folded into one: theta_l + sum_k (theta_(l+k) - theta_l).",
-    citation="""@article{yang2024laco,
-  title   = {{LaCo}: Large Language Model Pruning via Layer Collapse},
-  author  = {Yang, Yifei and Cao, Zouying and Zhao, Hai},
-  journal = {arXiv preprint arXiv:2402.11187},
-  year    = {2024}
-}""",
+    citation=citations.LACO,
 )
 def laco(ctx: Context, settings: LacoSettings) -> MethodResult:
     n, runner = ctx.runner.num_layers, ctx.runner

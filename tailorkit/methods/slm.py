@@ -22,18 +22,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tailorkit import citations
 from tailorkit.methods.common import FUSIONS, check_target, fold, largest_threshold, removal_budget
 from tailorkit.methods.registry import Context, MethodResult, Settings, register
 from tailorkit.objectives import SIMILARITIES, FinalStates
 from tailorkit.trials import TrialRunner, keep
-
-CITATION = """@article{ding2025slm,
-  title   = {A Sliding Layer Merging Method for Efficient Depth-Wise Pruning in {LLMs}},
-  author  = {Ding, Xuan and Sun, Rui and Zhang, Yunjian and Yan, Xiu and Zhou, Yueqi
-             and Huang, Kaihao and Fu, Suzhong and Xie, Chuanlong and Zhu, Yao},
-  journal = {arXiv preprint arXiv:2502.19159},
-  year    = {2025}
-}"""
 
 
 class SLMSettings(Settings):
@@ -91,7 +84,7 @@ def slide(runner: TrialRunner, objective: FinalStates, threshold, max_removed: i
     "of the network downward, a window of consecutive layers grows while the model with that "
     "window fused into one layer stays above a similarity threshold; then the window is "
     "fused. No weights were retrained.",
-    citation=CITATION,
+    citation=citations.SLM,
 )
 def sliding_layer_merging(ctx: Context, settings: SLMSettings) -> MethodResult:
     runner = ctx.runner
