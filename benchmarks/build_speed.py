@@ -750,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. a copy with the C++ extension built in place; default: this repo)",
     )
     p.add_argument(
+        "--compare-path",
+        type=Path,
+        help="another tailorkit source tree (e.g. a worktree of an older commit), timed "
+        "beside the first as tailorkit@NAME",
+    )
+    p.add_argument(
         "--generate-only", action="store_true", help="write (or find) the checkpoints and stop"
     )
     p.add_argument("--floor-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
@@ -821,33 +827,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     tk_backend = None
     if not args.skip_tailorkit:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(args.tailorkit_path), env.get("PYTHONPATH")])
-        )
-        out = work / "out-tailorkit"
-        tk_backend = tailorkit_backend(env, work)
+        tk_backend = tailorkit_backend(_tailorkit_env(args.tailorkit_path), work)
         print(f"  tailorkit from {args.tailorkit_path}: merge kernels = {tk_backend}", flush=True)
-        methods.append(
-            Method(
-                "tailorkit",
-                [
-                    sys.executable,
-                    "-m",
-                    "tailorkit.cli",
-                    "-v",  # logs the line that marks the first tensor bytes
-                    "build",
-                    str(recipe),
-                    str(out),
-                    "--shard-size",
-                    "1GB",
-                ],
-                out,
-                env,
-                cwd=work,
-                marker=b"file to file while computing",
-            )
-        )
+        methods.append(tailorkit_method("tailorkit", args.tailorkit_path, recipe, work))
+    if args.compare_path:
+        label = f"tailorkit@{args.compare_path.name}"
+        print(f"  {label} from {args.compare_path}", flush=True)
+        methods.append(tailorkit_method(label, args.compare_path, recipe, work))
     if not args.skip_mergekit:
         exe = ensure_mergekit_venv(cache / "mergekit-venv")
         env = dict(
@@ -969,6 +955,22 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"\nwrote {args.json}")
     return 0 if all(not r["failed"] for r in results) else 1
+
+
+def _tailorkit_env(path: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), env.get("PYTHONPATH")]))
+    return env
+
+
+def tailorkit_method(label: str, path: Path, recipe: Path, work: Path) -> Method:
+    """``tailorkit build`` of the job with the tailorkit source tree at ``path``."""
+    out = work / f"out-{label.replace('@', '-')}"
+    command = [sys.executable, "-m", "tailorkit.cli", "-v", "build", str(recipe), str(out)]
+    # -v logs the line that marks the first tensor bytes.
+    command += ["--shard-size", "1GB"]
+    env = _tailorkit_env(path)
+    return Method(label, command, out, env, cwd=work, marker=b"file to file while computing")
 
 
 def tailorkit_backend(env: dict, cwd: Path) -> str:

@@ -103,19 +103,27 @@ _C, _LOAD_REASON, _LOAD_BROKEN = _import_extension()
 _lib = torch.library.Library("tailorkit", "FRAGMENT")
 
 
+_STALE = False  # the loaded extension disagreed with a schema below: not used
+
+
 def _declare(schema: str) -> None:
-    """Declare one op; if the loaded kernels disagree with it, stop using them."""
-    global _C, _LOAD_REASON, _LOAD_BROKEN
+    """Declare one op; if the loaded kernels disagree with it, stop using them.
+
+    An extension built from older sources may disagree with several schemas: every one
+    after the first is expected then, and not raised.
+    """
+    global _C, _LOAD_REASON, _LOAD_BROKEN, _STALE
     try:
         _lib.define(schema)
     except RuntimeError as exc:
-        if _C is None:
+        if _C is None and not _STALE:
             raise  # a bug in the schema itself, not the extension's doing
-        _C, _LOAD_BROKEN = None, True
-        _LOAD_REASON = (
-            "tailorkit._C does not match tailorkit/ops.py (it was built from other sources): "
-            f"{exc}; reinstall tailorkit to rebuild it"
-        )
+        if not _STALE:
+            _LOAD_REASON = (
+                "tailorkit._C does not match tailorkit/ops.py (it was built from other "
+                f"sources): {exc}; reinstall tailorkit to rebuild it"
+            )
+        _C, _LOAD_BROKEN, _STALE = None, True, True
 
 
 _declare(

@@ -649,6 +649,30 @@ def _run_python(code: str, **env: str) -> str:
     return proc.stdout
 
 
+def test_an_extension_built_from_older_sources_falls_back_on_every_op(monkeypatch):
+    """A stale build may disagree with several schemas: the first mismatch stops the
+    kernels and names the cause; the later ones are expected, not raised. Without any
+    extension, a schema that does not declare is a bug, and raises."""
+
+    class Disagrees:
+        def define(self, schema):
+            raise RuntimeError(f"Inferred operator schema doesn't match: {schema}")
+
+    monkeypatch.setattr(ops, "_lib", Disagrees())
+    monkeypatch.setattr(ops, "_C", object())
+    monkeypatch.setattr(ops, "_STALE", False)
+    monkeypatch.setattr(ops, "_LOAD_REASON", "C++ extension loaded")
+    monkeypatch.setattr(ops, "_LOAD_BROKEN", False)
+    ops._declare("first_out(Tensor x) -> ()")
+    ops._declare("second_out(Tensor x) -> ()")
+    assert ops._C is None and ops._LOAD_BROKEN
+    assert "does not match tailorkit/ops.py" in ops._LOAD_REASON
+    assert "first_out" in ops._LOAD_REASON and "second_out" not in ops._LOAD_REASON
+    monkeypatch.setattr(ops, "_STALE", False)
+    with pytest.raises(RuntimeError, match="third_out"):
+        ops._declare("third_out(Tensor x) -> ()")
+
+
 def test_disable_env_var_forces_the_reference():
     out = _run_python(
         "import torch, tailorkit.ops as o\n"
