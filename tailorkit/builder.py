@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from tailorkit.gpu_build import DeviceStreamer
+    from tailorkit.merge import ChunkBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -290,11 +291,17 @@ def _write_all(
 def _compute_here(
     computed: Placed, progress: Callable[[int], None], stopped: Callable[[], bool]
 ) -> None:
-    """The CPU path's :data:`Compute`: one tensor after another, on this thread."""
+    """The CPU path's :data:`Compute`: one tensor after another, on this thread, every
+    chunk made in the same memory."""
+    buffer = None
     for writer, job in computed:
         if stopped():
             return
-        _write_tensor(writer, job)
+        if buffer is None:
+            from tailorkit.merge import ChunkBuffer  # torch: only a build that merges
+
+            buffer = ChunkBuffer()
+        _write_tensor(writer, job, buffer=buffer)
         progress(job.nbytes)
 
 
@@ -307,9 +314,9 @@ def _copy_error(job: TensorJob, error: BaseException) -> BaseException:
     return error
 
 
-def _write_tensor(writer: ShardWriter, job: TensorJob) -> None:
+def _write_tensor(writer: ShardWriter, job: TensorJob, buffer: ChunkBuffer | None = None) -> None:
     at = done = 0
-    chunks = job.chunks()
+    chunks = job.chunks(buffer)
     while True:
         job.check_unchanged()  # before each chunk's mapped reads
         chunk = next(chunks, None)

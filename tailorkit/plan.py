@@ -29,7 +29,7 @@ from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
 if TYPE_CHECKING:  # a plan is made without torch: only its merges need it
     import torch
 
-    from tailorkit.merge import Gather
+    from tailorkit.merge import ChunkBuffer, Gather
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
 
@@ -126,9 +126,10 @@ class TensorJob:
         )
         return self.fold.apply(merged, self.dtype.torch, self.where)
 
-    def chunks(self):
-        """The flattened output a chunk at a time (for the streaming writer); a folded
-        tensor in one piece, as the fold's product needs all of it."""
+    def chunks(self, buffer: ChunkBuffer | None = None):
+        """The flattened output a chunk at a time (for the streaming writer), made in
+        ``buffer`` if given; a folded tensor in one piece, as the fold's product needs all
+        of it."""
         from tailorkit.merge import merge_chunks
 
         if self.fold is not None:
@@ -136,7 +137,13 @@ class TensorJob:
         base = self.base.view() if self.base else None
         inputs = [i.view() for i in self.inputs]
         return merge_chunks(
-            self.layer, inputs, base, self.dtype.torch, where=self.where, gather=self.gather
+            self.layer,
+            inputs,
+            base,
+            self.dtype.torch,
+            where=self.where,
+            gather=self.gather,
+            buffer=buffer,
         )
 
     def check_unchanged(self) -> None:

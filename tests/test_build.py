@@ -506,3 +506,32 @@ def test_linear_merges_count_nonfinite_values_in_the_kernels_pass(gather, monkey
     )
     with pytest.raises(MergeError, match=f"t: the merge produced {3 if gather else 2} non-fin"):
         list(chunks)
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["whole", "gathered"])
+def test_chunks_made_in_one_buffer_are_the_merge(gather):
+    """A build makes every chunk in one buffer (grown to the largest chunk): the same
+    values as fresh chunks, all in the same memory."""
+    from tailorkit import merge
+    from tailorkit.recipe import OutputLayer
+
+    layer = OutputLayer("linear", (("a", 0), ("b", 0)), (0.25, 0.75))
+    a, b = torch.randn(96, 130).to(torch.bfloat16), torch.randn(96, 130)
+    keep = merge.Gather(torch.arange(0, 96, 3), 0) if gather else None
+    buffer = merge.ChunkBuffer()
+    small = merge.merge_chunks(
+        layer, [a[:8], b[:8]], None, torch.float32, where="t", chunk_elements=512, buffer=buffer
+    )
+    assert torch.cat([c.clone() for c in small]).numel() == 8 * 130
+    fresh, pointers, made = [], set(), []
+    for buffered in (False, True):
+        chunks = merge.merge_chunks(
+            layer, [a, b], None, torch.bfloat16, where="t", chunk_elements=2000,
+            gather=keep, buffer=buffer if buffered else None,
+        )  # fmt: skip
+        for chunk in chunks:
+            (made if buffered else fresh).append(chunk.clone())
+            if buffered:
+                pointers.add(chunk.data_ptr())
+    assert len(made) > 2 and pointers == {buffer._bytes.data_ptr()}
+    assert torch.equal(torch.cat(made), torch.cat(fresh))
