@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -26,6 +26,9 @@ from tailorkit.errors import CheckpointError, HubError
 from tailorkit.plan import Plan
 from tailorkit.recipe import Recipe
 from tailorkit.version import __version__
+
+if TYPE_CHECKING:
+    from tailorkit.methods.registry import MethodSpec
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ def _channels_per_layer(plan: Plan) -> int:
     return channels_per_layer(plan.base)
 
 
-def _method_spec(key: str | None):
+def _method_spec(key: str | None) -> MethodSpec | None:
     """The registered method ``key`` (None for a hand-written recipe or an unknown name).
 
     Imported here, not above: the methods' code needs torch, and a build of a recipe
