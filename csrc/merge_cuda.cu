@@ -371,6 +371,26 @@ void check_input(const at::Tensor& t, const at::Tensor& out, const char* what) {
       out.sizes());
 }
 
+// At least one source, one scalar (weight, threshold) per source, each a valid input.
+void check_sources(
+    at::TensorList sources,
+    at::ArrayRef<double> scalars,
+    const at::Tensor& out,
+    const char* scalar_name) {
+  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
+  TORCH_CHECK(
+      scalars.size() == sources.size(),
+      "tailorkit: got ",
+      sources.size(),
+      " sources but ",
+      scalars.size(),
+      " ",
+      scalar_name);
+  for (const at::Tensor& s : sources) {
+    check_input(s, out, "source");
+  }
+}
+
 int64_t itemsize(int dtype) {
   return dtype == kF32 ? 4 : 2;
 }
@@ -481,17 +501,7 @@ void weighted_sum_out_cuda(
         nonfinite->sizes());
     counter = reinterpret_cast<unsigned long long*>(nonfinite->mutable_data_ptr<int64_t>());
   }
-  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
-  TORCH_CHECK(
-      weights.size() == sources.size(),
-      "tailorkit: got ",
-      sources.size(),
-      " sources but ",
-      weights.size(),
-      " weights");
-  for (const at::Tensor& s : sources) {
-    check_input(s, out, "source");
-  }
+  check_sources(sources, weights, out, "weights");
   const int64_t n = out.numel();
   if (n == 0) {
     return;
@@ -535,23 +545,13 @@ void ties_merge_out_cuda(
     const at::Tensor& out) {
   check_output(out);
   check_input(base, out, "base");
-  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
-  TORCH_CHECK(
-      thresholds.size() == sources.size(),
-      "tailorkit: got ",
-      sources.size(),
-      " sources but ",
-      thresholds.size(),
-      " thresholds");
+  check_sources(sources, thresholds, out, "thresholds");
   TORCH_CHECK(
       static_cast<int64_t>(sources.size()) <= kMaxSources,
       "tailorkit: the CUDA TIES kernel takes at most ",
       kMaxSources,
       " sources, got ",
       sources.size());
-  for (const at::Tensor& s : sources) {
-    check_input(s, out, "source");
-  }
   const int64_t n = out.numel();
   if (n == 0) {
     return;
