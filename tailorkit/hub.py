@@ -128,6 +128,32 @@ def _remove_new_repo(api, repo_id: str, secret: str) -> str:
     return f"Nothing was committed, and the repo {repo_id}, created for this push, was deleted."
 
 
+def _create_branch(api, repo_id: str, branch: str) -> bool:
+    """Create ``branch`` from main unless it exists; whether this call created it."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_branch(repo_id, branch=branch)
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code == 409:  # it exists already
+            return False
+        raise
+    return True
+
+
+def _remove_new_branch(api, repo_id: str, branch: str, secret: str) -> str:
+    """Delete the branch this push created before it failed: a failed push leaves nothing."""
+    try:
+        api.delete_branch(repo_id, branch=branch, repo_type="model")
+    except Exception as e:
+        return (
+            f"The branch {branch!r} of {repo_id} was created for this push and is still there; "
+            f"deleting it failed too ({type(e).__name__}: {_scrub(str(e), secret)}): delete it "
+            "by hand."
+        )
+    return f"Nothing was committed, and the branch {branch!r}, created for this push, was deleted."
+
+
 def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
@@ -158,14 +184,14 @@ def push_folder(
     api = HfApi(token=secret)
     message = commit_message or f"Upload {folder.name} (built with tailorkit)"
     failure: str | None = None
-    created = uploading = False
+    created = branched = uploading = False
     full_id = repo_id
     try:
         existed = api.repo_exists(repo_id, repo_type="model")
         full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id or repo_id
         created = not existed
         if revision and revision != "main" and not revision.startswith("refs/pr/"):
-            api.create_branch(full_id, branch=revision, exist_ok=True)
+            branched = _create_branch(api, full_id, revision)
         # create_commit, not upload_folder: with hf_xet installed, upload_folder may split
         # a large folder into several commits; this is always exactly one.
         uploading = True
@@ -202,6 +228,8 @@ def push_folder(
             )
         if created:
             failure += " " + _remove_new_repo(api, full_id, secret)
+        elif branched:
+            failure += " " + _remove_new_branch(api, full_id, revision, secret)
         # Raised outside the handler: the original error, which may quote the token back
         # from the server, is not kept even as __context__.
         raise HubError(f"pushing {folder} to {repo_id} failed: {failure}")

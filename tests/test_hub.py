@@ -131,7 +131,13 @@ class FakeHub:
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path):
-            self.branches.append((m.group(1), m.group(2)))
+            ref = (m.group(1), m.group(2))
+            if method == "DELETE":
+                self.branches.remove(ref)
+                return 200, {}
+            if ref in self.branches:
+                return 409, {"error": f"Reference already exists: refs/heads/{ref[1]}"}
+            self.branches.append(ref)
             return 200, {}
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path):
             files = json.loads(body)["files"]
@@ -295,7 +301,31 @@ def test_push_existing_repo_branch_and_pull_request(fake_hub, built):
     push_folder(built, "tk-org/tiny", token=TOKEN, revision="experiment")
     assert fake_hub.branches == [("tk-org/tiny", "experiment")]
     assert fake_hub.commits[-1]["revision"] == "experiment"
-    assert len(fake_hub.commits) == 3
+    push_folder(built, "tk-org/tiny", token=TOKEN, revision="experiment")  # it exists now
+    assert fake_hub.branches == [("tk-org/tiny", "experiment")]
+    assert len(fake_hub.commits) == 4
+
+
+def test_failed_push_to_a_new_branch_deletes_the_branch(fake_hub, built, monkeypatch):
+    """The branch a push made for itself goes when its commit fails; a branch that was
+    there before stays."""
+    push_folder(built, "tk-org/tiny", token=TOKEN)
+    fake_hub.branches.append(("tk-org/tiny", "old"))
+    route = fake_hub.route
+
+    def refuse_commits(method, url, body):
+        if "/commit/" in url:
+            return 500, {"error": "Internal Error (test)"}
+        return route(method, url, body)
+
+    monkeypatch.setattr(fake_hub, "route", refuse_commits)
+    with pytest.raises(HubError) as info:
+        push_folder(built, "tk-org/tiny", token=TOKEN, revision="new")
+    assert "the branch 'new', created for this push, was deleted" in str(info.value)
+    with pytest.raises(HubError) as info:
+        push_folder(built, "tk-org/tiny", token=TOKEN, revision="old")
+    assert "deleted" not in str(info.value)
+    assert fake_hub.branches == [("tk-org/tiny", "old")] and len(fake_hub.commits) == 1
 
 
 def test_token_from_env_then_saved_login(fake_hub, built, monkeypatch, tmp_path):
