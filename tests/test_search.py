@@ -378,6 +378,21 @@ def test_resume_after_a_kill_reaches_the_same_result(space, evaluator, tmp_path)
         _search(space, evaluator, killed, resume=True, budget=24)
 
 
+def test_resume_of_a_log_that_does_not_say_how_it_scored(space, evaluator, tmp_path, caplog):
+    """A log written before the scoring was recorded resumes, with a warning that it
+    cannot be checked."""
+    straight = _search(space, evaluator, tmp_path / "straight")
+    lines = [json.loads(x) for x in (tmp_path / "straight" / LOG_NAME).read_text().splitlines()]
+    for line in lines:
+        del line["settings"]["scoring"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / LOG_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    resumed = _search(space, evaluator, old, resume=True)
+    assert resumed.recipe == straight.recipe and resumed.history == straight.history
+    assert "does not say how candidates were scored" in caplog.text
+
+
 def test_ray_executor_gives_the_local_result(space, family, tokens, tmp_path):
     pytest.importorskip("ray")
     from tailorkit.search.executors import RayExecutor
@@ -398,7 +413,7 @@ def test_ray_executor_gives_the_local_result(space, family, tokens, tmp_path):
     assert report["workers"] == 2 and report["evaluations"] > 0
 
 
-def test_cli_gptailor_builds_and_resumes(family, tmp_path):
+def test_cli_gptailor_builds_and_resumes(family, tmp_path, capsys):
     out = tmp_path / "tailored"
     args = ["prune", "--method", "gptailor", "--base", str(family.base)]
     args += [f"--candidate={c}" for c in family.candidates]
@@ -420,6 +435,10 @@ def test_cli_gptailor_builds_and_resumes(family, tmp_path):
     # Resume into the same folder: the logged generations are replayed, same recipe.
     assert main([*args, "--out", str(out), "--resume", "--overwrite"]) == 0
     assert tk.Recipe.load(out / "recipe.yaml") == recipe
+    # Scored otherwise, the logged fitness values would not compare: refused, saying why.
+    other = [*args, "--set", "kl_top_k=5", "--out", str(out), "--resume", "--overwrite"]
+    assert main(other) != 0
+    assert "cannot resume" in capsys.readouterr().err
 
 
 def test_gptailor_refuses_a_candidate_of_another_shape(family, tiny_model_factory, tokens):

@@ -151,7 +151,14 @@ def gptailor(ctx: Context, settings: GPTailorSettings) -> MethodResult:
         state_cache_bytes=parse_size(s.state_cache, "state_cache"),
     )
     seed = ctx.seed if s.seed is None else s.seed
-    search = SearchSettings(s.budget, s.popsize, s.sigma0, seed, fidelity, s.reevaluate)
+    objective = config.objective
+    scoring = (
+        f"{'+'.join(f'{w:g}*{n}' for n, w in objective.weights)}, kl_top_k={objective.top_k}, "
+        f"kl_positions={objective.positions}, lm_eval={objective.lm_eval}, dtype={dtype}"
+    )
+    search = SearchSettings(
+        s.budget, s.popsize, s.sigma0, seed, fidelity, s.reevaluate, scoring=scoring
+    )
     out = s.search_dir or ctx.work_dir / "search"
     options = {}
     if s.executor == "ray":  # one GPU per actor when the candidates run on GPUs

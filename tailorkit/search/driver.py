@@ -14,6 +14,7 @@ candidates) and goes on from there, reaching what an uninterrupted run reaches.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from tailorkit.errors import MethodError
 from tailorkit.recipe import Recipe
 from tailorkit.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
 
 LOG_NAME = "search.jsonl"
 STATE_NAME = "search_state.json"
@@ -39,6 +42,10 @@ class SearchSettings:
     seed: int = 0
     fidelity_windows: int | None = None  # small slice; None: all windows (one fidelity)
     reevaluate: int = 2  # best of each generation re-scored on all windows
+    # What a fitness means (objective, its approximations, the trials' dtype): a resumed
+    # search must score as the logged one did, or its replayed fitness values would not
+    # compare with the new ones.
+    scoring: str = ""
 
 
 @dataclass
@@ -178,6 +185,14 @@ def _check_settings(replay: list[dict], settings: SearchSettings) -> None:
     if not replay:
         return
     logged, ours = replay[0]["settings"], asdict(settings)
+    if "scoring" not in logged:  # a log from before it was recorded: cannot be checked
+        log.warning(
+            "resuming a search whose log does not say how candidates were scored (an older "
+            "tailorkit): it must have used the objective, kl_top_k, kl_positions and dtype "
+            "of this run (%s)",
+            settings.scoring or "not given",
+        )
+        logged = {**logged, "scoring": ours["scoring"]}
     differ = [
         f"{k}: logged {logged.get(k)!r}, now {ours[k]!r}" for k in ours if logged.get(k) != ours[k]
     ]
