@@ -42,6 +42,22 @@
 #include "tailorkit.h"
 
 namespace tailorkit {
+
+// Declared in tailorkit.h: merge_cuda.cu checks its sources with it too.
+// At least one source, and one scalar (weight, threshold) per source.
+void check_source_count(
+    at::TensorList sources, at::ArrayRef<double> scalars, const char* scalar_name) {
+  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
+  TORCH_CHECK(
+      scalars.size() == sources.size(),
+      "tailorkit: got ",
+      sources.size(),
+      " sources but ",
+      scalars.size(),
+      " ",
+      scalar_name);
+}
+
 namespace {
 
 // Elements per inner block: a few float32 buffers of this size fit in L1, and
@@ -366,20 +382,6 @@ void add_to_counter(const std::optional<at::Tensor>& nonfinite, int64_t count) {
   if (nonfinite.has_value() && count != 0) {
     *nonfinite->mutable_data_ptr<int64_t>() += count;
   }
-}
-
-// At least one source, and one scalar (weight, threshold) per source.
-void check_source_count(
-    at::TensorList sources, at::ArrayRef<double> scalars, const char* scalar_name) {
-  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
-  TORCH_CHECK(
-      scalars.size() == sources.size(),
-      "tailorkit: got ",
-      sources.size(),
-      " sources but ",
-      scalars.size(),
-      " ",
-      scalar_name);
 }
 
 std::vector<Operand> resolve_sources(

@@ -377,15 +377,7 @@ void check_sources(
     at::ArrayRef<double> scalars,
     const at::Tensor& out,
     const char* scalar_name) {
-  TORCH_CHECK(!sources.empty(), "tailorkit: need at least one source tensor");
-  TORCH_CHECK(
-      scalars.size() == sources.size(),
-      "tailorkit: got ",
-      sources.size(),
-      " sources but ",
-      scalars.size(),
-      " ",
-      scalar_name);
+  check_source_count(sources, scalars, scalar_name);
   for (const at::Tensor& s : sources) {
     check_input(s, out, "source");
   }

@@ -23,6 +23,11 @@ at::Tensor hsic_from_zero_diag(const at::Tensor& zero_diag, const at::Tensor& ro
 // Shape and dtype checks of hsic_all_pairs' input, shared by both devices.
 void check_grams(const at::Tensor& grams);
 
+// At least one source, and one scalar (weight, threshold) per source; the merge ops'
+// check on both devices (defined in merge_cpu.cpp).
+void check_source_count(
+    at::TensorList sources, at::ArrayRef<double> scalars, const char* scalar_name);
+
 #ifdef TAILORKIT_WITH_CUDA
 // What the CUDA kernels were built for, e.g. "CUDA kernels for sm 8.0, 9.0 (CUDA 13.0)"
 // (defined in merge_cuda.cu).

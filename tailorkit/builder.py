@@ -93,7 +93,7 @@ def build(
         _plain_name(name)  # before hours of writing, not after
     out_dir = Path(out_dir)
     _check_output(out_dir, plan)
-    # The card needs the methods' registry, hence torch: made while the copies run.
+    # Made while the copies run (a method's card imports its registry, hence torch).
     make_card = (lambda: readme) if readme is not None else (lambda: default_readme(plan))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with _streamer(target) as streamer:
@@ -293,14 +293,14 @@ def _compute_here(
 ) -> None:
     """The CPU path's :data:`Compute`: one tensor after another, on this thread, every
     chunk made in the same memory."""
-    buffer = None
+    if not computed:
+        return
+    from tailorkit.merge import ChunkBuffer  # torch: only a build that merges
+
+    buffer = ChunkBuffer()
     for writer, job in computed:
         if stopped():
             return
-        if buffer is None:
-            from tailorkit.merge import ChunkBuffer  # torch: only a build that merges
-
-            buffer = ChunkBuffer()
         _write_tensor(writer, job, buffer=buffer)
         progress(job.nbytes)
 
@@ -327,7 +327,7 @@ def _write_tensor(writer: ShardWriter, job: TensorJob, buffer: ChunkBuffer | Non
         # resident memory stays near one chunk per source, not the whole tensor.
         job.release(done, done + chunk.numel())
         done += chunk.numel()
-        del chunk  # so it is freed before the next one is computed
+        del chunk  # one made outside the buffer is freed before the next is computed
     job.release()  # pages a slerp reduction or a TIES merge touched
 
 
