@@ -1,10 +1,12 @@
-"""Builds tailorkit's optional C++ extension, ``tailorkit._C``.
+"""Builds tailorkit's optional C++ extensions, ``tailorkit._C`` and ``tailorkit._kernels``.
 
 Package metadata lives in pyproject.toml; this file only decides whether and how
-to compile ``csrc/``. tailorkit runs without the extension (tailorkit.ops falls
-back to its PyTorch reference kernels), so every reason not to build it -- torch
-not importable, no C++ compiler, a failed compile -- is reported in one line and
-the install carries on.
+to compile ``csrc/``. ``_C`` holds the torch ops (CPU, and CUDA where it can be
+built); ``_kernels`` is the same merge arithmetic for plain buffers, without
+torch, which lets a build merge before torch is imported. tailorkit runs without
+either (tailorkit.ops falls back to its PyTorch reference kernels, the build to
+the torch ops), so every reason not to build them -- torch not importable, no C++
+compiler, a failed compile -- is reported in one line and the install carries on.
 
 The extension must be compiled against the very torch it will run with (the C++
 ABI differs between torch releases). build_backend.py arranges that for isolated
@@ -19,6 +21,7 @@ import sys
 from setuptools import setup
 
 CPU_SOURCES = ["csrc/merge_cpu.cpp", "csrc/cka_cpu.cpp"]
+KERNELS_SOURCES = ["csrc/merge_buffers.cpp"]
 CUDA_SOURCES = ["csrc/merge_cuda.cu", "csrc/cka_cuda.cu"]
 CXX_FLAGS = [
     "-O3",
@@ -30,6 +33,9 @@ CXX_FLAGS = [
     "-fopenmp",
 ]
 LINK_FLAGS = ["-fopenmp"]
+# _kernels splits its work with std::thread, not OpenMP: it may run in a process that
+# later loads torch's own OpenMP runtime, and two runtimes in one process fight.
+KERNELS_FLAGS = ["-std=c++17", "-pthread", *(f for f in CXX_FLAGS if f != "-fopenmp")]
 NVCC_FLAGS = [
     "-O3",
     # No FMA contraction (the kernels also spell out __fmul_rn/__fadd_rn): results
@@ -87,28 +93,43 @@ def _cuda_build_problem() -> str | None:
     return None
 
 
+def _kernels_extension():
+    from setuptools import Extension
+
+    return Extension(
+        name="tailorkit._kernels",
+        sources=KERNELS_SOURCES,
+        depends=["csrc/merge_kernels.h"],
+        extra_compile_args=KERNELS_FLAGS,
+        extra_link_args=["-pthread"],
+        language="c++",
+    )
+
+
 def _extension_build():
     """Return ``(ext_modules, cmdclass)`` for setup(): empty when the build is skipped."""
-    fallback = "tailorkit will use its PyTorch reference kernels"
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    except Exception as exc:  # noqa: BLE001 -- any reason means "no extension"
-        _note(
-            f"skipping the C++ extension tailorkit._C: torch is not importable "
-            f"({type(exc).__name__}: {exc}); {fallback}"
-        )
-        return [], {}
     if _cxx_compiler() is None:
         _note(
-            "skipping the C++ extension tailorkit._C: no C++ compiler found (install g++ or "
-            f"clang++, or set CXX); {fallback}"
+            "skipping the C++ extensions: no C++ compiler found (install g++ or clang++, or "
+            "set CXX); tailorkit will use its PyTorch reference kernels"
         )
         return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except Exception as exc:  # noqa: BLE001 -- any reason means "no torch extension"
+        from setuptools.command.build_ext import build_ext
+
+        _note(
+            f"skipping the C++ extension tailorkit._C: torch is not importable "
+            f"({type(exc).__name__}: {exc}); building tailorkit._kernels alone"
+        )
+        return [_kernels_extension()], {"build_ext": _skipping_failures(build_ext, None)}
 
     def cpu_extension():
         return CppExtension(
             name="tailorkit._C",
             sources=CPU_SOURCES,
+            depends=["csrc/merge_kernels.h", "csrc/tailorkit.h"],
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=LINK_FLAGS,
         )
@@ -118,48 +139,13 @@ def _extension_build():
         return CUDAExtension(
             name="tailorkit._C",
             sources=CPU_SOURCES + CUDA_SOURCES,
+            depends=["csrc/merge_kernels.h", "csrc/tailorkit.h"],
             extra_compile_args={
                 "cxx": CXX_FLAGS + ["-DTAILORKIT_WITH_CUDA"],
                 "nvcc": NVCC_FLAGS + arch_flags + ["-DTAILORKIT_WITH_CUDA"],
             },
             extra_link_args=LINK_FLAGS,
         )
-
-    class BuildExtensionOrSkip(BuildExtension):
-        """torch's BuildExtension, except that a failed compile does not fail the install.
-
-        If the CUDA kernels fail to compile, the CPU kernels are built alone; if
-        those fail too, the package installs without the extension.
-        """
-
-        def run(self):
-            # run() replaces the compiler name by an object and clears `inplace` while it
-            # builds; a retry needs both as they were.
-            compiler, inplace = self.compiler, self.inplace
-            try:
-                super().run()
-                return
-            except Exception as exc:  # noqa: BLE001 -- the package works without it
-                failure = exc
-            if any(s.endswith(".cu") for ext in self.extensions for s in ext.sources):
-                _note(
-                    f"the CUDA kernels of tailorkit._C failed to build ({_first_line(failure)}; "
-                    "the compiler's messages are above); building the CPU kernels alone"
-                )
-                # Turn the finalised extension into the CPU one in place: setuptools has
-                # attached build state to the object that a fresh Extension would lack.
-                for ext in self.extensions:
-                    ext.__dict__.update(vars(cpu_extension()))
-                self.compiler, self.inplace = compiler, inplace
-                try:
-                    super().run()
-                    return
-                except Exception as exc:  # noqa: BLE001
-                    failure = exc
-            _note(
-                f"the C++ extension tailorkit._C failed to build ({_first_line(failure)}); "
-                f"installing without it, {fallback}"
-            )
 
     problem = _cuda_build_problem()
     extensions = None
@@ -172,7 +158,63 @@ def _extension_build():
     if extensions is None:
         _note(f"skipping the CUDA kernels of tailorkit._C: {problem}; building the CPU kernels")
         extensions = [cpu_extension()]
-    return extensions, {"build_ext": BuildExtensionOrSkip}
+    extensions.append(_kernels_extension())
+    return extensions, {"build_ext": _skipping_failures(BuildExtension, cpu_extension)}
+
+
+# What tailorkit does without each extension.
+WITHOUT = {
+    "tailorkit._C": "tailorkit.ops will use its PyTorch reference kernels",
+    "tailorkit._kernels": "builds will merge with the torch ops",
+}
+
+
+def _skipping_failures(base, cpu_extension):
+    """``base`` (torch's or setuptools' build_ext), except that a failed compile does not
+    fail the install: after a failure each extension is built alone, so that one failing
+    does not take the other with it; if the CUDA kernels fail, the CPU ones are built
+    instead (``cpu_extension`` makes that ``_C``); what still fails is left out."""
+
+    class BuildOrSkip(base):
+        def run(self):
+            # run() replaces the compiler name by an object and clears `inplace` while it
+            # builds; a retry needs both as they were.
+            compiler, inplace = self.compiler, self.inplace
+            try:
+                super().run()
+                return
+            except Exception as exc:  # noqa: BLE001 -- the package works without them
+                failure = exc
+            for ext in list(self.extensions):
+                self.extensions = [ext]
+                for retry in (None, self._without_cuda):
+                    if retry is not None and not retry(ext, failure):
+                        continue
+                    self.compiler, self.inplace = compiler, inplace
+                    try:
+                        super().run()
+                        break
+                    except Exception as exc:  # noqa: BLE001
+                        failure = exc
+                else:
+                    _note(
+                        f"{ext.name} failed to build ({_first_line(failure)}); installing "
+                        f"without it, {WITHOUT[ext.name]}"
+                    )
+
+        def _without_cuda(self, ext, failure: Exception) -> bool:
+            if cpu_extension is None or not any(s.endswith(".cu") for s in ext.sources):
+                return False
+            _note(
+                f"the CUDA kernels of {ext.name} failed to build ({_first_line(failure)}; "
+                "the compiler's messages are above); building the CPU kernels alone"
+            )
+            # Turn the finalised extension into the CPU one in place: setuptools has
+            # attached build state to the object that a fresh Extension would lack.
+            ext.__dict__.update(vars(cpu_extension()))
+            return True
+
+    return BuildOrSkip
 
 
 def _first_line(exc: Exception) -> str:

@@ -55,7 +55,7 @@ def run(way: str, jobs, out: Path) -> tuple[float, float, str]:
     try:
         if way == "plain":
             for job in jobs:
-                _write_tensor(writer, job)
+                _write_tensor(writer, job, job.chunks())
         else:
             with DeviceStreamer(torch.device("cpu"), lanes=int(way.split("=")[1])) as streamer:
                 streamer.write([(writer, job) for job in jobs])

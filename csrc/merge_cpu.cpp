@@ -3,17 +3,14 @@
 // The schemas are declared once, in tailorkit/ops.py; this file only provides
 // the CPU implementations. Each kernel has a plain-PyTorch reference beside it
 // in ops.py (`_weighted_sum_reference`, `_ties_merge_reference`) and the tests
-// compare the two with torch.equal, so the arithmetic below mirrors the
-// reference step by step: float32 accumulation in source order, one rounding
-// per multiply and per add (built with -ffp-contract=off so the compiler does
-// not fuse them into FMAs), and a single cast to the output dtype at the end.
+// compare the two with torch.equal. The arithmetic (conversions and block
+// loops) is in merge_kernels.h, shared with the torch-free build path; this
+// file checks tensors, splits the work across threads and registers the ops.
 //
 // Memory traffic is what matters for merging multi-GB checkpoints, so each
 // kernel makes one pass over memory: every source element is read from RAM
 // once and every output element is written once. Work is split into blocks of
-// kBlock elements whose float32 working set stays in L1/L2; the inner loops are
-// plain element-wise loops over contiguous arrays so that -O3 vectorises them
-// (bf16 -> fp32 is a 16-bit shift; fp16 uses the branch-free conversions below).
+// kBlock elements whose float32 working set stays in L1/L2.
 //
 // gather_weighted_sum_out serves width pruning: the same weighted sum over K
 // sources, but of selected rows (dim 0) or columns (dim 1) of 2-D sources,
@@ -23,22 +20,18 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "merge_kernels.h"
 #include "tailorkit.h"
 
 namespace tailorkit {
@@ -60,162 +53,16 @@ void check_source_count(
 
 namespace {
 
-// Elements per inner block: a few float32 buffers of this size fit in L1, and
-// re-reading K source blocks (ties_merge reads each twice) hits L2, not RAM.
-constexpr int64_t kBlock = 2048;
-// Minimum elements per parallel task; smaller tensors run on the calling thread
-// because waking the OpenMP team costs more than the work.
-constexpr int64_t kGrain = 32 * 1024;
-
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-// Calls f with the data pointer cast to its element type (float, c10::BFloat16
-// or c10::Half), so one generic lambda serves every dtype combination.
-template <typename F>
-void with_typed_input(const void* data, at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(static_cast<const float*>(data));
-    case at::kBFloat16:
-      return f(static_cast<const c10::BFloat16*>(data));
-    case at::kHalf:
-      return f(static_cast<const c10::Half*>(data));
-    default:
-      TORCH_CHECK(false, "tailorkit: unsupported dtype ", dtype);
-  }
+// The kernels' name for a dtype is_supported_dtype accepted.
+Dtype kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat ? Dtype::Float32 : t == at::kBFloat16 ? Dtype::BFloat16 : Dtype::Float16;
 }
 
-// Calls f with the index data cast to its element type (int32_t or int64_t).
-template <typename F>
-void with_typed_index(const void* data, at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kInt:
-      return f(static_cast<const int32_t*>(data));
-    case at::kLong:
-      return f(static_cast<const int64_t*>(data));
-    default:
-      TORCH_CHECK(false, "tailorkit: index dtype must be int32 or int64, got ", dtype);
-  }
-}
-
-template <typename F>
-void with_typed_output(void* data, at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(static_cast<float*>(data));
-    case at::kBFloat16:
-      return f(static_cast<c10::BFloat16*>(data));
-    case at::kHalf:
-      return f(static_cast<c10::Half*>(data));
-    default:
-      TORCH_CHECK(false, "tailorkit: unsupported dtype ", dtype);
-  }
-}
-
-// ---- Element conversions --------------------------------------------------
-// Written without branches (selects on bit masks) so that the loops calling
-// them vectorise; c10::Half's own conversions branch and keep loops scalar.
-// Both round to nearest even exactly as Tensor.to() does; checked against
-// c10's conversions for all 2^16 halves and all 2^32 float bit patterns.
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// cond ? a : b, as bit operations.
-inline uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
-  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
-  return (a & mask) | (b & ~mask);
-}
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t exp_mask = 0x7c00u << 13;
-  // Exponent and mantissa moved to float32's bit positions.
-  const uint32_t magnitude = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
-  const uint32_t exp = magnitude & exp_mask;
-  const uint32_t normal = magnitude + ((127u - 15u) << 23);  // rebias the exponent
-  const uint32_t inf_nan = normal + ((128u - 16u) << 23);  // exponent all ones
-  // Subnormal halves: let the FPU normalise them (exact: at most 11 significant bits).
-  const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
-  const uint32_t out =
-      select_bits(exp == exp_mask, inf_nan, select_bits(exp == 0, subnormal, normal));
-  return bits_float(out | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
-}
-
-inline uint16_t float_to_half(float f) {
-  const uint32_t bits = float_bits(f);
-  const uint32_t sign = bits & 0x80000000u;
-  const uint32_t a = bits ^ sign;  // |f|
-  // |f| >= 2^16 (after rounding everything from 65520 up overflows too): inf, or a quiet NaN.
-  const uint32_t overflow = select_bits(a > (255u << 23), 0x7e00u, 0x7c00u);
-  // |f| < 2^-14: adding 0.5 makes the FPU round the mantissa into the subnormal half's bits.
-  const uint32_t magic = 126u << 23;
-  const uint32_t subnormal = float_bits(bits_float(a) + bits_float(magic)) - magic;
-  // Normal: rebias the exponent and round the mantissa to nearest even by hand.
-  const uint32_t normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t out =
-      select_bits(a >= (143u << 23), overflow, select_bits(a < (113u << 23), subnormal, normal));
-  return static_cast<uint16_t>(out | (sign >> 16));
-}
-
-inline float to_f32(float x) {
-  return x;
-}
-inline float to_f32(c10::BFloat16 x) {
-  return static_cast<float>(x);  // a 16-bit shift
-}
-inline float to_f32(c10::Half x) {
-  return half_to_float(x.x);
-}
-
-inline void put(float v, float* dst) {
-  *dst = v;
-}
-inline void put(float v, c10::BFloat16* dst) {
-  *dst = c10::BFloat16(v);  // round to nearest even; vectorises as is
-}
-inline void put(float v, c10::Half* dst) {
-  *dst = c10::Half(float_to_half(v), c10::Half::from_bits());
-}
-
-// ---- Block loops -------------------------------------------------------------
-// On x86-64 with GCC each loop is compiled twice, for AVX2 and for the baseline
-// (SSE2), and the dynamic loader picks the one the CPU supports: wider vectors
-// without giving up portable wheels. The arithmetic is IEEE either way and
-// -ffp-contract=off applies to both, so the results are identical.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TAILORKIT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TAILORKIT_VECTOR_CLONES
-#endif
-
-// acc = float(src) * w
-template <typename T>
-TAILORKIT_VECTOR_CLONES void scale(
-    const T* __restrict__ src, float w, float* __restrict__ acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    acc[j] = to_f32(src[j]) * w;
-  }
-}
-
-// acc = acc + float(src) * w   (two roundings: no FMA, as in the reference)
-template <typename T>
-TAILORKIT_VECTOR_CLONES void scale_add(
-    const T* __restrict__ src, float w, float* __restrict__ acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    acc[j] = acc[j] + to_f32(src[j]) * w;
-  }
-}
+// ---- Block loops of TIES and the gathers (merge_kernels.h has the weighted sum's) ----
 
 // acc = float(row[idx]) * w   (a gather: row[idx[j]] for each j)
 template <typename T, typename I>
@@ -243,34 +90,6 @@ TAILORKIT_VECTOR_CLONES void to_float(
   for (int64_t j = 0; j < n; ++j) {
     dst[j] = to_f32(src[j]);
   }
-}
-
-// The smallest float32 magnitude that T cannot hold finitely: from it on, put()
-// writes inf (NaN compares false with it too). bfloat16 and float16 round the
-// midpoint between their largest finite value and the next power of two up,
-// to even, which is inf.
-inline float overflow_limit(float*) {
-  return std::numeric_limits<float>::infinity();
-}
-inline float overflow_limit(c10::BFloat16*) {
-  return bits_float(0x7f7f8000u);  // halfway from 0x7f7f (3.3895e38) to inf
-}
-inline float overflow_limit(c10::Half*) {
-  return 65520.0f;  // halfway from 65504 to 65536
-}
-
-// The one rounding to the output dtype. Returns how many of the values written
-// are not finite (NaN or inf in T): the merges' finiteness check, made in the
-// same pass instead of a second one over the output.
-template <typename T>
-TAILORKIT_VECTOR_CLONES int store(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  const float limit = overflow_limit(dst);
-  int nonfinite = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    put(src[j], dst + j);
-    nonfinite += static_cast<int>(!(std::fabs(src[j]) < limit));
-  }
-  return nonfinite;
 }
 
 // TIES pass 1 over one source block: total += kept(tau), where
@@ -328,12 +147,19 @@ TAILORKIT_VECTOR_CLONES void ties_finish(
   }
 }
 
-// One input of a merge, resolved before the parallel region.
-struct Operand {
-  const void* data;
-  at::ScalarType dtype;
-  float scalar;  // weight (weighted_sum) or magnitude threshold (ties_merge)
-};
+// Calls f with the index data cast to its element type (int32_t or int64_t).
+template <typename F>
+void with_typed_index(const void* data, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kInt:
+      return f(static_cast<const int32_t*>(data));
+    case at::kLong:
+      return f(static_cast<const int64_t*>(data));
+    default:
+      TORCH_CHECK(false, "tailorkit: index dtype must be int32 or int64, got ", dtype);
+  }
+}
+
 
 void check_output(const at::Tensor& out) {
   TORCH_CHECK(out.device().is_cpu(), "tailorkit: out must be a CPU tensor, got ", out.device());
@@ -395,7 +221,9 @@ std::vector<Operand> resolve_sources(
   for (size_t i = 0; i < sources.size(); ++i) {
     check_input(sources[i], out, "source");
     operands.push_back(
-        {sources[i].const_data_ptr(), sources[i].scalar_type(), static_cast<float>(scalars[i])});
+        {sources[i].const_data_ptr(),
+         kernel_dtype(sources[i].scalar_type()),
+         static_cast<float>(scalars[i])});
   }
   return operands;
 }
@@ -413,26 +241,11 @@ void weighted_sum_out_cpu(
   check_counter(nonfinite);
   const std::vector<Operand> in = resolve_sources(sources, weights, out, "weights");
   void* dst = out.mutable_data_ptr();
-  const at::ScalarType out_dtype = out.scalar_type();
+  const Dtype out_dtype = kernel_dtype(out.scalar_type());
   std::atomic<int64_t> bad{0};
 
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    float acc[kBlock];
-    int64_t task_bad = 0;
-    for (int64_t start = begin; start < end; start += kBlock) {
-      const int64_t n = std::min(kBlock, end - start);
-      for (size_t i = 0; i < in.size(); ++i) {
-        with_typed_input(in[i].data, in[i].dtype, [&](auto* src) {
-          if (i == 0) {
-            scale(src + start, in[i].scalar, acc, n);
-          } else {
-            scale_add(src + start, in[i].scalar, acc, n);
-          }
-        });
-      }
-      with_typed_output(dst, out_dtype, [&](auto* d) { task_bad += store(acc, d + start, n); });
-    }
-    bad += task_bad;
+    bad += weighted_sum_range(in.data(), in.size(), dst, out_dtype, begin, end);
   });
   add_to_counter(nonfinite, bad);
 }
@@ -450,9 +263,9 @@ void ties_merge_out_cpu(
   check_input(base, out, "base");
   const std::vector<Operand> in = resolve_sources(sources, thresholds, out, "thresholds");
   const void* base_data = base.const_data_ptr();
-  const at::ScalarType base_dtype = base.scalar_type();
+  const Dtype base_dtype = kernel_dtype(base.scalar_type());
   void* dst = out.mutable_data_ptr();
-  const at::ScalarType out_dtype = out.scalar_type();
+  const Dtype out_dtype = kernel_dtype(out.scalar_type());
   const float lam_f = static_cast<float>(lam);
 
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -484,7 +297,7 @@ void ties_merge_out_cpu(
 // One 2-D source of a gather: its rows are contiguous, `row_stride` elements apart.
 struct RowOperand {
   const void* data;
-  at::ScalarType dtype;
+  Dtype dtype;
   float weight;
   int64_t row_stride;
 };
@@ -521,7 +334,10 @@ std::vector<RowOperand> resolve_gather(
         s.size(1) <= 1 || s.stride(1) == 1,
         "tailorkit: each source's rows must be contiguous (stride(1) == 1)");
     operands.push_back(
-        {s.const_data_ptr(), s.scalar_type(), static_cast<float>(weights[i]), s.stride(0)});
+        {s.const_data_ptr(),
+         kernel_dtype(s.scalar_type()),
+         static_cast<float>(weights[i]),
+         s.stride(0)});
   }
   TORCH_CHECK(index.device().is_cpu(), "tailorkit: index must be a CPU tensor");
   TORCH_CHECK(index.dim() == 1, "tailorkit: index must be 1-D, got shape ", index.sizes());
@@ -578,7 +394,7 @@ void gather_weighted_sum_out_cpu(
   const void* index_data = index.const_data_ptr();
   const at::ScalarType index_dtype = index.scalar_type();
   void* dst = out.mutable_data_ptr();
-  const at::ScalarType out_dtype = out.scalar_type();
+  const Dtype out_dtype = kernel_dtype(out.scalar_type());
   const int64_t out_rows = out.size(0);
   const int64_t out_cols = out.size(1);
   // Whole rows per task, about kGrain elements each: small outputs stay on one thread.

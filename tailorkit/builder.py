@@ -19,7 +19,8 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     import torch
 
     from tailorkit.gpu_build import DeviceStreamer
-    from tailorkit.merge import ChunkBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -247,17 +247,20 @@ def _write_all(
 ) -> T:
     """Every tensor into its shard: the unchanged ones copied file to file on a thread of
     their own (the kernel does the work, the GIL is free), the computed ones by
-    ``compute`` here (or on its device's lanes), at the same time, then ``meanwhile()``
-    here, whose value is returned. The first error of either side stops both, and is
-    raised once both have stopped, so nothing still writes to a shard the caller closes."""
-    copies = [(w, j) for w, j in placed if j.is_raw_copy]
+    ``compute`` here (or on its device's lanes), at the same time; then ``meanwhile()``
+    here, whose value is returned, and then this thread takes copies too until none is
+    left. The first error of either side stops both, and is raised once both have
+    stopped, so nothing still writes to a shard the caller closes."""
+    copies = deque((w, j) for w, j in placed if j.is_raw_copy)
     computed = [(w, j) for w, j in placed if not j.is_raw_copy]
     stop = threading.Event()
     failed: list[BaseException] = []
 
     def copy_all() -> None:
-        for writer, job in copies:
-            if stop.is_set():
+        while not stop.is_set() and not failed:
+            try:
+                writer, job = copies.popleft()  # atomic: each copy is taken once
+            except IndexError:
                 return
             info = job.inputs[0].info
             try:
@@ -278,6 +281,7 @@ def _write_all(
     try:
         compute(computed, progress, lambda: bool(failed))
         result = meanwhile() if not failed else None
+        copy_all()  # what the copy thread has not reached yet: two threads copy now
     except BaseException:
         stop.set()
         raise
@@ -292,16 +296,15 @@ def _compute_here(
     computed: Placed, progress: Callable[[int], None], stopped: Callable[[], bool]
 ) -> None:
     """The CPU path's :data:`Compute`: one tensor after another, on this thread, every
-    chunk made in the same memory."""
-    if not computed:
-        return
-    from tailorkit.merge import ChunkBuffer  # torch: only a build that merges
+    chunk made in the same memory. Fixed linear combinations are computed without torch
+    (combine.py), so they start at once; anything else imports torch when it comes."""
+    from tailorkit.combine import ChunkBuffer
 
     buffer = ChunkBuffer()
     for writer, job in computed:
         if stopped():
             return
-        _write_tensor(writer, job, buffer=buffer)
+        _write_tensor(writer, job, job.chunks(buffer))
         progress(job.nbytes)
 
 
@@ -314,19 +317,22 @@ def _copy_error(job: TensorJob, error: BaseException) -> BaseException:
     return error
 
 
-def _write_tensor(writer: ShardWriter, job: TensorJob, buffer: ChunkBuffer | None = None) -> None:
-    at = done = 0
-    chunks = job.chunks(buffer)
+def _write_tensor(
+    writer: ShardWriter, job: TensorJob, chunks: Iterator[torch.Tensor | memoryview]
+) -> None:
+    """Write the output's chunks (flat tensors or bytes, in order) as they come."""
+    at = 0
     while True:
         job.check_unchanged()  # before each chunk's mapped reads
         chunk = next(chunks, None)
         if chunk is None:
             break
+        done = at
         at += writer.write(job.name, chunk, at)
         # Drop the mapped source pages behind this chunk: with a tensor of gigabytes,
         # resident memory stays near one chunk per source, not the whole tensor.
-        job.release(done, done + chunk.numel())
-        done += chunk.numel()
+        size = job.dtype.itemsize
+        job.release(done // size, at // size)
         del chunk  # one made outside the buffer is freed before the next is computed
     job.release()  # pages a slerp reduction or a TIES merge touched
 

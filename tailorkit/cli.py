@@ -66,7 +66,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-    from tailorkit import ops
+    from tailorkit import combine, ops
     from tailorkit.checkpoint import builtin
     from tailorkit.version import __version__
 
@@ -77,6 +77,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             f"{torch.__version__} (CUDA {'' if torch.cuda.is_available() else 'not '}available)",
         ),
         ("kernels", f"{ops.backend()}: {ops.backend_reason()}"),
+        ("build merges", combine.status()),
         ("default model", f"{builtin.DEFAULT_MODEL} ({builtin.status()})"),
     ]
     for key, value in rows:

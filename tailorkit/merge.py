@@ -13,42 +13,28 @@ no silent "keep the first layer's norms".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tailorkit import ops
-from tailorkit.errors import MergeError
+from tailorkit.combine import (
+    CHUNK_ELEMENTS,
+    COMBINATIONS,
+    ChunkBuffer,
+    Combination,
+    nonfinite_error,
+)
 from tailorkit.recipe import OutputLayer
 
-# Linear combinations: (layer, inputs, base) -> (tensors, coefficients)
-Combination = tuple[list[torch.Tensor], list[float]]
-LINEAR_METHODS: dict[
-    str, Callable[[OutputLayer, Sequence[torch.Tensor], torch.Tensor | None], Combination]
-] = {}
+# Linear combinations: (layer, inputs, base) -> (tensors, coefficients); the ones whose
+# coefficients follow from the recipe alone are combine.py's, which the build also
+# computes without torch.
+LINEAR_METHODS: dict[str, Combination] = dict(COMBINATIONS)
 
 # Slerp falls back to linear interpolation when the two tensors are this close to parallel.
 SLERP_PARALLEL_COS = 0.9995
-CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
-
-
-class ChunkBuffer:
-    """The memory a build's merges write every chunk into, allocated once (grown to the
-    largest chunk). A fresh tensor per chunk cost ~90 MB more peak RSS in the benchmark
-    build: glibc's malloc raises its mmap threshold when a large block is freed, and then
-    keeps the next chunks' freed memory in its heaps. A chunk made in it is valid until
-    the next one is made."""
-
-    def __init__(self) -> None:
-        self._bytes: torch.Tensor | None = None
-
-    def view(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self._bytes is None or self._bytes.numel() < nbytes:
-            self._bytes = None  # freed before its successor is allocated
-            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
-        return self._bytes[:nbytes].view(dtype).view(tuple(shape))
 
 
 def linear_method(name: str):
@@ -59,31 +45,8 @@ def linear_method(name: str):
     return register
 
 
-@linear_method("passthrough")
-def _passthrough(layer, inputs, base) -> Combination:
-    return [inputs[0]], [1.0]
-
-
-@linear_method("linear")
-def _linear(layer, inputs, base) -> Combination:
-    return list(inputs), list(layer.weights)
-
-
-@linear_method("task_arithmetic")
-def _task_arithmetic(layer, inputs, base) -> Combination:
-    # base + lam * sum_i w_i (x_i - base) == (1 - lam * sum_i w_i) base + sum_i lam w_i x_i
-    lam = layer.param("lambda")
-    return [base, *inputs], [1.0 - lam * sum(layer.weights), *(lam * w for w in layer.weights)]
-
-
-@linear_method("laco")
-def _laco(layer, inputs, base) -> Combination:
-    # theta_l + sum_{k>=1} (theta_{l+k} - theta_l) == (2 - K) theta_l + sum_{k>=1} theta_{l+k}
-    return list(inputs), [2.0 - len(inputs), *([1.0] * (len(inputs) - 1))]
-
-
 @linear_method("slerp")
-def _slerp(layer, inputs, base) -> Combination:
+def _slerp(layer, inputs, base):
     a, b = inputs
     t = layer.param("t")
     dot = norm_a = norm_b = 0.0
@@ -230,13 +193,7 @@ def new_counter(device: torch.device | str = "cpu") -> torch.Tensor:
 def raise_if_nonfinite(counter: torch.Tensor | None, where: str) -> None:
     """Raise MergeError if a merge counted NaN or inf values into ``counter``."""
     if counter is not None and (bad := int(counter)):
-        raise _nonfinite_error(bad, where)
-
-
-def _nonfinite_error(bad: int, where: str) -> MergeError:
-    return MergeError(
-        f"{where}: the merge produced {bad} non-finite value(s) (NaN or inf in a source?)"
-    )
+        raise nonfinite_error(bad, where)
 
 
 FINITE_CHECK_ELEMENTS = 1 << 20  # torch.isfinite's temporaries are ~6x its input: count in slices
@@ -257,4 +214,4 @@ def check_finite(t: torch.Tensor, where: str) -> None:
         return
     flat, step = t.reshape(-1), FINITE_CHECK_ELEMENTS
     bad = sum(int((~torch.isfinite(flat[i : i + step])).sum()) for i in range(0, len(flat), step))
-    raise _nonfinite_error(bad, where)
+    raise nonfinite_error(bad, where)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tailorkit import combine
 from tailorkit.checkpoint.architecture import (
     get_path,
     intermediate_key,
@@ -29,7 +31,7 @@ from tailorkit.recipe import DTYPES, LayerRange, OutputLayer, Recipe
 if TYPE_CHECKING:  # a plan is made without torch: only its merges need it
     import torch
 
-    from tailorkit.merge import ChunkBuffer, Gather
+    from tailorkit.merge import Gather
 
 PASSTHROUGH = OutputLayer("passthrough", (("", 0),))
 
@@ -126,10 +128,39 @@ class TensorJob:
         )
         return self.fold.apply(merged, self.dtype.torch, self.where)
 
-    def chunks(self, buffer: ChunkBuffer | None = None):
-        """The flattened output a chunk at a time (for the streaming writer), made in
-        ``buffer`` if given; a folded tensor in one piece, as the fold's product needs all
-        of it."""
+    @property
+    def torch_free(self) -> bool:
+        """Whether :meth:`chunks` makes this tensor without torch (tailorkit/combine.py): a
+        fixed linear combination of aligned float tensors, without a fold or a gather."""
+        if self.fold is not None or self.gather is not None:
+            return False
+        inputs = self.all_inputs()
+        if any(i.info.start % i.info.dtype.itemsize for i in inputs):
+            return False
+        dtypes = [self.dtype, *(i.info.dtype for i in inputs)]
+        return combine.can_compute(self.layer.method, dtypes)
+
+    def chunks(
+        self, buffer: combine.ChunkBuffer | None = None, chunk_elements: int | None = None
+    ) -> Iterator[torch.Tensor | memoryview]:
+        """The output a chunk at a time, in order (for the streaming writer), made in
+        ``buffer`` if given: its bytes where :attr:`torch_free`, else flat tensors; a
+        folded tensor in one piece, as the fold's product needs all of it. Chunks hold
+        ``chunk_elements`` output elements (combine.CHUNK_ELEMENTS by default)."""
+        chunk_elements = chunk_elements or combine.CHUNK_ELEMENTS
+        if self.torch_free:
+            combination = combine.COMBINATIONS[self.layer.method]
+            operands, coefficients = combination(self.layer, self.inputs, self.base)
+            return combine.weighted_sum_chunks(
+                [i.source.buffer(i.info) for i in operands],
+                [i.info.dtype for i in operands],
+                coefficients,
+                self.dtype,
+                buffer or combine.ChunkBuffer(),
+                where=self.where,
+                checked=self.layer.method != "passthrough",
+                chunk_elements=chunk_elements,
+            )
         from tailorkit.merge import merge_chunks
 
         if self.fold is not None:
@@ -142,6 +173,7 @@ class TensorJob:
             base,
             self.dtype.torch,
             where=self.where,
+            chunk_elements=chunk_elements,
             gather=self.gather,
             buffer=buffer,
         )

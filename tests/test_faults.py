@@ -107,8 +107,8 @@ BUILD_CHILD = textwrap.dedent(
     marker = Path(sys.argv[1])
     real, written = build._write_tensor, []
 
-    def write_then_stall(writer, job, **kwargs):
-        real(writer, job, **kwargs)
+    def write_then_stall(writer, job, *args, **kwargs):
+        real(writer, job, *args, **kwargs)
         written.append(job.name)
         if len(written) == 5:
             marker.write_text(str(writer.path))

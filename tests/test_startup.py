@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 import tailorkit as tk
+from tailorkit import combine
 from tailorkit.checkpoint import writer
 from tailorkit.errors import CheckpointError
 
@@ -94,6 +95,30 @@ def test_a_build_without_merges_never_imports_torch(family, tmp_path):
     assert done.stdout.split("\n")[-2] == "['torch']"  # only the blocking entry
     tk.build(recipe, tmp_path / "here", progress=False)
     assert "@article{su2025gptailor" in (tmp_path / "fresh" / "README.md").read_text()
+    for path in sorted((tmp_path / "here").iterdir()):
+        assert path.read_bytes() == (tmp_path / "fresh" / path.name).read_bytes(), path.name
+
+
+@pytest.mark.skipif(combine._kernels is None, reason="tailorkit._kernels is not built")
+def test_a_build_of_linear_merges_never_imports_torch(family, tmp_path, monkeypatch):
+    """Fixed linear combinations are computed by tailorkit._kernels on the mapped bytes:
+    with torch made unimportable, a build that merges writes what the torch path writes
+    (here, in this process, with the torch-free path switched off)."""
+    recipe = _recipe_file(family, tmp_path)
+    done = _fresh(
+        """
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises
+        import tailorkit as tk
+
+        tk.build(sys.argv[1], sys.argv[2], progress=False, dtype="float16")
+        """,
+        str(recipe),
+        str(tmp_path / "fresh"),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr(combine, "_kernels", None)
+    tk.build(recipe, tmp_path / "here", progress=False, dtype="float16")
     for path in sorted((tmp_path / "here").iterdir()):
         assert path.read_bytes() == (tmp_path / "fresh" / path.name).read_bytes(), path.name
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import tailorkit as tk
-from tailorkit import merge, width
+from tailorkit import combine, width
 from tailorkit.cli import main
 from tailorkit.recipe import Channels
 from tailorkit.trials import RunnerConfig, TrialRunner
@@ -131,7 +131,7 @@ def test_merges_gather_in_chunks_as_a_whole_merge_would(tiny_model_factory, tmp_
             "layers": plan,
         }
     ).with_fitted({"width.mlp": index, "bridge.3": bridge})
-    monkeypatch.setattr(merge, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
+    monkeypatch.setattr(combine, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
     out = tk.build(recipe, tmp_path / "built", progress=False)
     built = load_file(out / "model.safetensors")
     plain = recipe.model_copy(update={"width": None, "tensors": None})

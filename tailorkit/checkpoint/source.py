@@ -143,6 +143,12 @@ class Source:
             info.shape
         )
 
+    def buffer(self, info: TensorInfo) -> memoryview:
+        """A tensor's bytes as a zero-copy memoryview of the mapped shard (no torch)."""
+        if info.numel == 0:
+            return memoryview(b"")
+        return memoryview(self._map(info.file))[info.start : info.end]
+
     def release(self, info: TensorInfo, begin: int = 0, end: int | None = None) -> None:
         """Drop the mapped pages of a tensor (or of its bytes [begin, end)) from this
         process's memory; the file is untouched and a later read maps them again."""

@@ -128,18 +128,17 @@ class ShardWriter:
             os.close(self.fd)
             raise
 
-    def write(self, name: str, data: torch.Tensor, at: int = 0) -> int:
-        """Write a tensor, or its next flat chunk, at byte ``at`` of ``name``; returns its size."""
-        import torch
-
+    def write(self, name: str, data: torch.Tensor | memoryview, at: int = 0) -> int:
+        """Write a tensor, or its next flat chunk, or their bytes, at byte ``at`` of
+        ``name``; returns the number of bytes written."""
         start, end = self.offsets[name]
-        buf = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
-        if start + at + len(buf) > end:
+        buf = data if isinstance(data, memoryview) else _tensor_bytes(data)
+        if start + at + buf.nbytes > end:
             raise CheckpointError(
                 f"{self.path.name}: data for {name!r} overruns its {end - start} bytes"
             )
         _pwrite_all(self.fd, buf, self.data_start + start + at, self.path)
-        return len(buf)
+        return buf.nbytes
 
     def copy(self, name: str, src_file: Path, src_offset: int) -> None:
         """Copy ``name``'s bytes unchanged from another file, kernel to kernel."""
@@ -153,6 +152,12 @@ class ShardWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:
