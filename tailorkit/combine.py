@@ -38,7 +38,19 @@ COMBINATIONS: dict[str, Combination] = {}
 
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
 KERNEL_DTYPES = ("F32", "BF16", "F16")  # what tailorkit._kernels reads and writes
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _threads() -> int:
+    """The threads a merge may use: OMP_NUM_THREADS if set (as torch's kernels honour it),
+    else the CPUs this process may run on."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return len(cpus) if cpus else os.cpu_count() or 1
+
+
+THREADS = _threads()
 
 
 def combination(name: str):

@@ -9,6 +9,8 @@ the torch op's are) and count the same non-finite values, on fresh random inputs
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from oracles import DTYPES, random_weights, source_dtypes
@@ -155,3 +157,10 @@ def test_doctor_says_how_the_build_merges(built, monkeypatch, capsys):
         assert f"without torch (tailorkit._kernels, up to {combine.THREADS} threads)" in line
     else:
         assert "with the torch ops: tailorkit._kernels is not loaded (No module named" in line
+
+
+@pytest.mark.parametrize("value, want", [("3", 3), ("", None), ("0", None), ("x", None)])
+def test_merge_threads_follow_omp_num_threads(value, want, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert combine._threads() == (want or cpus)
