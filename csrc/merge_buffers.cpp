@@ -236,5 +236,11 @@ PyModuleDef module = {
 }  // namespace
 
 PyMODINIT_FUNC PyInit__kernels() {
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  // The interface version tailorkit/combine.py checks (KERNELS_VERSION): bump both together.
+  if (m != nullptr && PyModule_AddIntConstant(m, "VERSION", 1) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

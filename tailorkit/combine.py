@@ -25,11 +25,33 @@ from tailorkit.recipe import OutputLayer
 if TYPE_CHECKING:
     import torch
 
-try:
-    _kernels = importlib.import_module("tailorkit._kernels")
-    _KERNELS_PROBLEM = ""
-except ImportError as e:  # not built (no compiler at install): the build uses the torch path
-    _kernels, _KERNELS_PROBLEM = None, str(e)
+# Set to 1, the C++ extensions are not used: the ops take their PyTorch references and the
+# build merges with them (read by tailorkit.ops too).
+DISABLE_ENV = "TAILORKIT_DISABLE_EXTENSION"
+# merge_buffers.cpp's interface: its module constant VERSION must equal this. An editable
+# install whose sources moved on without a rebuild then falls back, instead of failing
+# mid-build on a call it does not understand.
+KERNELS_VERSION = 1
+
+
+def _load_kernels():
+    """``(tailorkit._kernels or None, why not in words)``."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    try:
+        module = importlib.import_module("tailorkit._kernels")
+    except ImportError as e:  # not built (no compiler at install?)
+        return None, f"{e}; it is compiled at install time: `pip install -v .` shows why not"
+    version = getattr(module, "VERSION", None)
+    if version != KERNELS_VERSION:
+        return None, (
+            f"it was built from other sources (interface {version}, this tailorkit needs "
+            f"{KERNELS_VERSION}): reinstall tailorkit to rebuild it"
+        )
+    return module, ""
+
+
+_kernels, _KERNELS_PROBLEM = _load_kernels()
 
 T = TypeVar("T")  # an operand: a tensor, or a plan's Input
 # (layer, inputs, base) -> (operands, coefficients): the output is sum_i c_i * operand_i.

@@ -27,7 +27,8 @@ for the CPU (``csrc/merge_cpu.cpp``, ``csrc/cka_cpu.cpp``) and, when it was
 built with CUDA, for CUDA tensors (``csrc/merge_cuda.cu``, ``csrc/cka_cuda.cu``).
 Beside each op is ``_<op>_reference`` in plain PyTorch: it runs whenever the
 extension is missing or broken, when it has no kernel for the inputs' device,
-or when ``TAILORKIT_DISABLE_EXTENSION=1`` is set, and the tests hold the merge
+or when ``TAILORKIT_DISABLE_EXTENSION=1`` is set (which also keeps the build off
+``tailorkit._kernels``, see combine.py), and the tests hold the merge
 kernels to it bit for bit on both devices. Importing this module never raises
 because of the extension and never initialises CUDA; why the extension is or
 is not used is available from :func:`backend_reason` and logged once, the
@@ -44,6 +45,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tailorkit.combine import DISABLE_ENV
+
 __all__ = [
     "backend",
     "backend_reason",
@@ -57,7 +60,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DISABLE_ENV = "TAILORKIT_DISABLE_EXTENSION"
 
 
 # --------------------------------------------------------------------------
@@ -76,8 +78,8 @@ def _import_extension():
     signatures when the schema arrives, as a Python exception we can catch
     (a failed check while the library loads would abort the interpreter).
     """
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-        reason = f"the C++ extension is disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        reason = f"the C++ extension is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
         return None, reason, False
     try:
         module = importlib.import_module("tailorkit._C")

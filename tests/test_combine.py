@@ -164,3 +164,19 @@ def test_merge_threads_follow_omp_num_threads(value, want, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert combine._threads() == (want or cpus)
+
+
+def test_kernels_from_other_sources_or_disabled_are_not_used(monkeypatch):
+    """An extension whose interface is not this tailorkit's (an editable install whose
+    sources moved on) is left for the torch path, saying why; so is any when disabled."""
+    import types
+
+    stale = types.ModuleType("tailorkit._kernels")
+    monkeypatch.setattr(combine.importlib, "import_module", lambda name: stale)
+    module, why = combine._load_kernels()
+    assert module is None and "built from other sources (interface None" in why
+    assert "reinstall tailorkit" in why
+    stale.VERSION = combine.KERNELS_VERSION
+    assert combine._load_kernels() == (stale, "")
+    monkeypatch.setenv(combine.DISABLE_ENV, "1")
+    assert combine._load_kernels() == (None, f"disabled by {combine.DISABLE_ENV}=1")
