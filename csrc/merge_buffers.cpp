@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <thread>
 #include <vector>
@@ -61,8 +62,9 @@ class Views {
     }
   }
 
-  // A C-contiguous view of obj holding `count` elements of `itemsize` bytes, aligned
-  // to its element size; nullptr with a Python error set otherwise.
+  // A C-contiguous view of obj, aligned to its `itemsize`-byte elements and holding
+  // `count` of them (any whole number of them if count < 0); nullptr with a Python
+  // error set otherwise. The view stays where it is until the call ends.
   const Py_buffer* add(
       PyObject* obj, bool writable, Py_ssize_t itemsize, Py_ssize_t count, const char* what) {
     Py_buffer view;
@@ -71,7 +73,16 @@ class Views {
       return nullptr;
     }
     views_.push_back(view);
-    if (view.len != count * itemsize) {
+    if (count < 0 && view.len % itemsize != 0) {
+      PyErr_Format(
+          PyExc_ValueError,
+          "%s holds %zd bytes, not a whole number of %zd-byte elements",
+          what,
+          view.len,
+          itemsize);
+      return nullptr;
+    }
+    if (count >= 0 && view.len != count * itemsize) {
       PyErr_Format(
           PyExc_ValueError,
           "%s holds %zd bytes, but %zd elements of %zd bytes were expected",
@@ -88,10 +99,8 @@ class Views {
     return &views_.back();
   }
 
-  void reserve(size_t n) { views_.reserve(n); }
-
  private:
-  std::vector<Py_buffer> views_;
+  std::deque<Py_buffer> views_;  // a deque: adding one moves none of the others
 };
 
 // Runs the weighted sum over [0, n) on up to `threads` threads (the calling one
@@ -152,12 +161,11 @@ PyObject* weighted_sum(PyObject*, PyObject* args) {
     return nullptr;
   }
   Views views;
-  Py_buffer out_view;
-  if (PyObject_GetBuffer(out_obj, &out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) != 0) {
+  const Py_buffer* out = views.add(out_obj, true, out_size, -1, "out");
+  if (out == nullptr) {
     return nullptr;
   }
-  const Py_ssize_t n = out_view.len / out_size;
-  PyBuffer_Release(&out_view);  // taken again below, with the checks every buffer gets
+  const Py_ssize_t n = out->len / out_size;
 
   PyObject* sources = PySequence_Fast(sources_obj, "sources must be a sequence of buffers");
   if (sources == nullptr) {
@@ -166,7 +174,6 @@ PyObject* weighted_sum(PyObject*, PyObject* args) {
   PyObject* names = PySequence_Fast(names_obj, "dtypes must be a sequence of dtype names");
   PyObject* weights = names ? PySequence_Fast(weights_obj, "weights must be a sequence") : nullptr;
   std::vector<Operand> in;
-  const Py_buffer* out = nullptr;
   const Py_ssize_t k = PySequence_Fast_GET_SIZE(sources);
   bool ok = names != nullptr && weights != nullptr;
   if (ok && (k == 0 || PySequence_Fast_GET_SIZE(names) != k ||
@@ -179,11 +186,6 @@ PyObject* weighted_sum(PyObject*, PyObject* args) {
         PySequence_Fast_GET_SIZE(names),
         PySequence_Fast_GET_SIZE(weights));
     ok = false;
-  }
-  if (ok) {
-    views.reserve(static_cast<size_t>(k) + 1);
-    out = views.add(out_obj, true, out_size, n, "out");
-    ok = out != nullptr;
   }
   for (Py_ssize_t i = 0; ok && i < k; ++i) {
     Dtype dtype;

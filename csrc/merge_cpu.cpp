@@ -160,7 +160,6 @@ void with_typed_index(const void* data, at::ScalarType dtype, F&& f) {
   }
 }
 
-
 void check_output(const at::Tensor& out) {
   TORCH_CHECK(out.device().is_cpu(), "tailorkit: out must be a CPU tensor, got ", out.device());
   TORCH_CHECK(out.is_contiguous(), "tailorkit: out must be contiguous");

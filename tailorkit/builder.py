@@ -321,7 +321,7 @@ def _write_tensor(
     writer: ShardWriter, job: TensorJob, chunks: Iterator[torch.Tensor | memoryview]
 ) -> None:
     """Write the output's chunks (flat tensors or bytes, in order) as they come."""
-    at = 0
+    at, size = 0, job.dtype.itemsize
     while True:
         job.check_unchanged()  # before each chunk's mapped reads
         chunk = next(chunks, None)
@@ -331,7 +331,6 @@ def _write_tensor(
         at += writer.write(job.name, chunk, at)
         # Drop the mapped source pages behind this chunk: with a tensor of gigabytes,
         # resident memory stays near one chunk per source, not the whole tensor.
-        size = job.dtype.itemsize
         job.release(done // size, at // size)
         del chunk  # one made outside the buffer is freed before the next is computed
     job.release()  # pages a slerp reduction or a TIES merge touched

@@ -34,10 +34,16 @@ DISABLE_ENV = "TAILORKIT_DISABLE_EXTENSION"
 KERNELS_VERSION = 1
 
 
+def disabled_by() -> str | None:
+    """``NAME=value`` of the setting that turns the C++ extensions off, or None."""
+    value = os.environ.get(DISABLE_ENV, "")
+    return None if value in ("", "0") else f"{DISABLE_ENV}={value}"
+
+
 def _load_kernels():
     """``(tailorkit._kernels or None, why not in words)``."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    if switch := disabled_by():
+        return None, f"disabled by {switch}"
     try:
         module = importlib.import_module("tailorkit._kernels")
     except ImportError as e:  # not built (no compiler at install?)
@@ -75,9 +81,11 @@ def _threads() -> int:
 THREADS = _threads()
 
 
-def combination(name: str):
+def combination(name: str, registry: dict[str, Combination] = COMBINATIONS):
+    """Register a function as method ``name``'s :data:`Combination` in ``registry``."""
+
     def register(fn: Combination) -> Combination:
-        COMBINATIONS[name] = fn
+        registry[name] = fn
         return fn
 
     return register

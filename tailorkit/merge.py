@@ -24,6 +24,7 @@ from tailorkit.combine import (
     COMBINATIONS,
     ChunkBuffer,
     Combination,
+    combination,
     nonfinite_error,
 )
 from tailorkit.recipe import OutputLayer
@@ -37,15 +38,7 @@ LINEAR_METHODS: dict[str, Combination] = dict(COMBINATIONS)
 SLERP_PARALLEL_COS = 0.9995
 
 
-def linear_method(name: str):
-    def register(fn):
-        LINEAR_METHODS[name] = fn
-        return fn
-
-    return register
-
-
-@linear_method("slerp")
+@combination("slerp", LINEAR_METHODS)
 def _slerp(layer, inputs, base):
     a, b = inputs
     t = layer.param("t")

@@ -40,12 +40,11 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
 
-from tailorkit.combine import DISABLE_ENV
+from tailorkit.combine import disabled_by
 
 __all__ = [
     "backend",
@@ -78,9 +77,8 @@ def _import_extension():
     signatures when the schema arrives, as a Python exception we can catch
     (a failed check while the library loads would abort the interpreter).
     """
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        reason = f"the C++ extension is disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-        return None, reason, False
+    if switch := disabled_by():
+        return None, f"the C++ extension is disabled by {switch}", False
     try:
         module = importlib.import_module("tailorkit._C")
     except ModuleNotFoundError as exc:

@@ -85,6 +85,8 @@ def test_buffer_kernel_refuses_what_it_cannot_read():
     ws = combine._kernels.weighted_sum
     with pytest.raises(ValueError, match="source 1 holds 8 bytes, but 8 elements of 2"):
         ws(memoryview(out), "BF16", [as_bytes(x), as_bytes(x[:4])], ["BF16"] * 2, [1.0, 1.0])
+    with pytest.raises(ValueError, match="out holds 15 bytes, not a whole number of 2-byte"):
+        ws(memoryview(bytearray(15)), "BF16", [as_bytes(x)], ["BF16"], [1.0])
     with pytest.raises(ValueError, match="source 0 dtype must be 'F32', 'BF16' or 'F16'"):
         ws(memoryview(out), "BF16", [as_bytes(x)], ["F64"], [1.0])
     with pytest.raises(ValueError, match="one dtype and one weight per source"):
